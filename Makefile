@@ -1,0 +1,49 @@
+# zigmem — the README's commands. Everything runs in a local virtual environment (.venv)
+# that these targets create, so a fresh machine with python3 and gcc is enough.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+CC     ?= gcc
+CFLAGS_COMMON := -std=gnu11 -Wall -Wextra -Werror -Icsrc/include -Icsrc
+CSRC   := $(wildcard csrc/*.c)
+
+.PHONY: all install test demo bench sanitize ctest clean
+
+all: test
+
+$(VENV)/.tools: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel cffi numpy
+	touch $@
+
+# The build requirements live in the venv, so reinstalling after a C change takes seconds.
+install: $(VENV)/.tools
+	$(PIP) install --no-build-isolation ".[test,bench]"
+
+## make test: install with the test extras and run every test (C core under sanitizers too)
+test: install sanitize
+	cd tests && ../$(VENV)/bin/pytest -q
+
+## make demo: the main job (see README)
+demo: install
+	$(PY) examples/lifetimes.py
+
+## make bench: native C benchmarks and Python benchmarks, as ratio tables
+bench: install
+	mkdir -p bench/out
+	$(CC) -O2 $(CFLAGS_COMMON) bench/bench_core.c $(CSRC) -o bench/out/bench_core
+	./bench/out/bench_core
+	$(PY) bench/bench_python.py
+
+## make sanitize: the C tests under AddressSanitizer + UBSan
+sanitize:
+	mkdir -p csrc/tests/out
+	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
+	  -fno-sanitize-recover=undefined $(CFLAGS_COMMON) csrc/tests/test_core.c $(CSRC) \
+	  -lpthread -o csrc/tests/out/test_core
+	ASAN_OPTIONS=detect_leaks=1 ./csrc/tests/out/test_core
+
+clean:
+	rm -rf build dist *.egg-info bench/out csrc/tests/out $(VENV)

@@ -1,0 +1,106 @@
+"""cffi builder for ``zigmem._zigmem`` (API / out-of-line mode).
+
+setup.py points ``cffi_modules`` here; setuptools compiles every ``csrc/*.c`` into the private
+extension. Only the declarations below are visible to Python, and only ``zigmem._binding``
+imports the result. Structs are declared with ``...;`` so cffi takes their real layout from
+``zigmem.h`` and ``ffi.new`` can embed them in Python-owned memory.
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+CDEF = """
+typedef struct { void *ctx; ...; } zm_allocator_t;
+
+typedef struct {
+    int code; int sys_errno; uintptr_t address; size_t size; size_t expected;
+    size_t offset; size_t count; size_t limit; uint64_t alloc_site; uint64_t free_site;
+} zm_report_t;
+zm_report_t *zm_last_report(void);
+
+uintptr_t zm_py_alloc(const zm_allocator_t *a, size_t len, size_t align, int serialize);
+int zm_py_resize(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
+                 size_t new_len, int serialize);
+uintptr_t zm_py_realloc(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
+                        size_t new_len, int serialize);
+void zm_py_free(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
+                int serialize);
+void zm_py_lock(void);
+void zm_py_unlock(void);
+
+/* page */
+#define ZM_PAGE_HUGE_PAGES ...
+#define ZM_PAGE_POPULATE ...
+#define ZM_PAGE_LOCK ...
+typedef struct { unsigned flags; } zm_page_t;
+void zm_page_init(zm_page_t *p, unsigned flags);
+void zm_page_allocator(zm_page_t *p, zm_allocator_t *out);
+size_t zm_page_size(void);
+
+/* arena */
+typedef struct { ...; } zm_arena_t;
+typedef enum { ZM_ARENA_FREE_ALL, ZM_ARENA_RETAIN_CAPACITY, ZM_ARENA_RETAIN_WITH_LIMIT, ...
+} zm_arena_reset_mode_t;
+void zm_arena_init(zm_arena_t *a, zm_allocator_t child);
+void zm_arena_allocator(zm_arena_t *a, zm_allocator_t *out);
+size_t zm_arena_capacity(const zm_arena_t *a);
+bool zm_arena_reset(zm_arena_t *a, zm_arena_reset_mode_t mode, size_t limit);
+void zm_arena_deinit(zm_arena_t *a);
+
+/* fixed buffer */
+typedef struct { size_t len; size_t end; ...; } zm_fixed_buffer_t;
+void zm_fixed_buffer_init(zm_fixed_buffer_t *f, void *buffer, size_t len);
+void zm_fixed_buffer_allocator(zm_fixed_buffer_t *f, zm_allocator_t *out);
+void zm_fixed_buffer_reset(zm_fixed_buffer_t *f);
+
+/* failing */
+typedef struct {
+    size_t alloc_index; size_t resize_index; size_t fail_index; size_t resize_fail_index;
+    size_t allocations; size_t deallocations; size_t allocated_bytes; size_t freed_bytes;
+    bool has_induced_failure; ...;
+} zm_failing_t;
+void zm_failing_init(zm_failing_t *f, zm_allocator_t child, size_t fail_index,
+                     size_t resize_fail_index);
+void zm_failing_allocator(zm_failing_t *f, zm_allocator_t *out);
+
+/* counting */
+typedef struct {
+    size_t current_bytes; size_t peak_bytes; size_t total_bytes;
+    size_t current_count; size_t alloc_count; size_t free_count; ...;
+} zm_counting_t;
+void zm_counting_init(zm_counting_t *c, zm_allocator_t child);
+void zm_counting_allocator(zm_counting_t *c, zm_allocator_t *out);
+void zm_counting_reset_peak(zm_counting_t *c);
+"""
+
+# Status codes are plain ints on the Python side; cffi takes their values from zigmem.h.
+STATUS = [
+    "ZM_OK", "ZM_ERR_OUT_OF_MEMORY", "ZM_ERR_TOO_LARGE", "ZM_ERR_ALIGNMENT", "ZM_ERR_MLOCK",
+    "ZM_ERR_LIMIT", "ZM_ERR_INDUCED", "ZM_ERR_INVALID_FREE", "ZM_ERR_DOUBLE_FREE",
+    "ZM_ERR_OVERFLOW", "ZM_ERR_UNDERFLOW", "ZM_ERR_USE_AFTER_FREE", "ZM_ERR_LEAK",
+    "ZM_ERR_INVALID_ARG",
+]
+CDEF += "".join(f"#define {name} ...\n" for name in STATUS)
+
+
+def _relative(path: Path) -> str:
+    # setuptools wants source paths relative to setup.py's directory.
+    return str(path.relative_to(HERE.parent))
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "zigmem._zigmem",
+    '#include "zigmem.h"',
+    sources=sorted(_relative(p) for p in HERE.glob("*.c")),
+    include_dirs=[_relative(HERE / "include"), _relative(HERE)],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+    py_limited_api=False,  # the numpy bridge needs the full C API
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

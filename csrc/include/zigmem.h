@@ -1,0 +1,232 @@
+/*
+ * zigmem.h — the public C interface of zigmem's allocators.
+ *
+ * Every allocator exposes one vtable, as Zig's std.mem.Allocator:
+ *
+ *   alloc(ctx, len, align)                 -> ptr | NULL   (NULL: out of memory)
+ *   resize(ctx, ptr, len, align, new_len)  -> bool         (in place only)
+ *   remap(ctx, ptr, len, align, new_len)   -> ptr | NULL   (may move; NULL: caller copies)
+ *   free(ctx, ptr, len, align)
+ *
+ * The caller remembers each block's length and alignment and passes them back, so allocators
+ * keep no per-block headers unless they want to (the general-purpose allocator does, for
+ * safety checks).
+ *
+ * Vtable functions are only ever called with len > 0, new_len > 0 and a power-of-two align;
+ * the zm_alloc / zm_resize / zm_remap / zm_free helpers below enforce that, give zero-length
+ * blocks a well-defined meaning (a unique-per-alignment, never-dereferenced address, as Zig),
+ * and are what both C callers and wrappers use.
+ *
+ * The core never aborts and never prints. Failures return NULL / false / a status, and the
+ * calling thread's zm_report_t (zm_last_report) says why: which code, which sizes, which limit.
+ *
+ * Struct bodies are declared here so that allocators can be embedded by value (as Zig's
+ * allocators are values); their fields are private to csrc/.
+ */
+#ifndef ZIGMEM_H
+#define ZIGMEM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- vtable */
+
+typedef struct zm_vtable {
+    void *(*alloc)(void *ctx, size_t len, size_t align);
+    bool (*resize)(void *ctx, void *ptr, size_t len, size_t align, size_t new_len);
+    void *(*remap)(void *ctx, void *ptr, size_t len, size_t align, size_t new_len);
+    void (*free)(void *ctx, void *ptr, size_t len, size_t align);
+} zm_vtable_t;
+
+typedef struct zm_allocator {
+    void *ctx;
+    const zm_vtable_t *vtable;
+} zm_allocator_t;
+
+/* ---------------------------------------------------------------- status and report */
+
+typedef enum zm_status {
+    ZM_OK = 0,
+    ZM_ERR_OUT_OF_MEMORY = 1,   /* the child / the OS refused; sys_errno says why */
+    ZM_ERR_TOO_LARGE = 2,       /* a size computation overflowed */
+    ZM_ERR_ALIGNMENT = 3,       /* alignment is not a power of two */
+    ZM_ERR_MLOCK = 4,           /* mlock refused; limit = RLIMIT_MEMLOCK soft limit */
+    ZM_ERR_LIMIT = 5,           /* an allocator's own memory limit; limit = that limit */
+    ZM_ERR_INDUCED = 6,         /* a FailingAllocator failed on purpose */
+    ZM_ERR_INVALID_FREE = 7,
+    ZM_ERR_DOUBLE_FREE = 8,
+    ZM_ERR_OVERFLOW = 9,        /* red zone after the block changed */
+    ZM_ERR_UNDERFLOW = 10,      /* red zone before the block changed */
+    ZM_ERR_USE_AFTER_FREE = 11, /* poison of a freed block changed */
+    ZM_ERR_LEAK = 12,
+    ZM_ERR_INVALID_ARG = 13,
+} zm_status_t;
+
+/* What went wrong, for the caller to turn into a precise message. Fields that do not apply
+ * to a code are zero. */
+typedef struct zm_report {
+    int code;             /* zm_status_t */
+    int sys_errno;        /* errno from the OS call that failed, if any */
+    uintptr_t address;    /* the block concerned */
+    size_t size;          /* the size requested, or the block's size */
+    size_t expected;      /* the size / alignment the allocator expected (invalid frees) */
+    size_t offset;        /* where corruption starts, relative to the block */
+    size_t count;         /* how many bytes are corrupted */
+    size_t limit;         /* the limit that refused the request */
+    uint64_t alloc_site;  /* caller-provided site ids (general-purpose allocator) */
+    uint64_t free_site;
+} zm_report_t;
+
+/* The calling thread's report of its last failure. */
+zm_report_t *zm_last_report(void);
+
+/* ---------------------------------------------------------------- the Allocator interface */
+
+static inline bool zm_is_pow2(size_t x) { return x != 0 && (x & (x - 1)) == 0; }
+
+void zm_fail(int code, size_t size, size_t limit, int sys_errno);
+
+/* Allocate len bytes aligned to align. len == 0 returns (void *)align, never dereferenced. */
+static inline void *zm_alloc(zm_allocator_t a, size_t len, size_t align) {
+    if (!zm_is_pow2(align)) { zm_fail(ZM_ERR_ALIGNMENT, align, 0, 0); return NULL; }
+    if (len == 0) return (void *)(uintptr_t)align;
+    return a.vtable->alloc(a.ctx, len, align);
+}
+
+/* Grow or shrink in place; false leaves the block as it was. */
+static inline bool zm_resize(zm_allocator_t a, void *ptr, size_t len, size_t align,
+                             size_t new_len) {
+    if (len == 0 || new_len == 0) return len == new_len;
+    return a.vtable->resize(a.ctx, ptr, len, align, new_len);
+}
+
+/* Resize, moving the block if the allocator can do so cheaply (mremap); NULL: not possible,
+ * the block is unchanged. */
+static inline void *zm_remap(zm_allocator_t a, void *ptr, size_t len, size_t align,
+                             size_t new_len) {
+    if (len == 0 || new_len == 0) return len == new_len ? ptr : NULL;
+    return a.vtable->remap(a.ctx, ptr, len, align, new_len);
+}
+
+static inline void zm_free(zm_allocator_t a, void *ptr, size_t len, size_t align) {
+    if (len != 0) a.vtable->free(a.ctx, ptr, len, align);
+}
+
+/* remap, else alloc + copy + free. NULL: out of memory, the old block is untouched. */
+void *zm_realloc(zm_allocator_t a, void *ptr, size_t len, size_t align, size_t new_len);
+
+/* ---------------------------------------------------------------- page allocator */
+
+enum {
+    ZM_PAGE_HUGE_PAGES = 1u << 0, /* madvise(MADV_HUGEPAGE) */
+    ZM_PAGE_POPULATE = 1u << 1,   /* MAP_POPULATE: fault pages in at allocation */
+    ZM_PAGE_LOCK = 1u << 2,       /* mlock: page-locked, never swapped */
+};
+
+typedef struct zm_page {
+    unsigned flags;
+} zm_page_t;
+
+void zm_page_init(zm_page_t *p, unsigned flags);
+void zm_page_allocator(zm_page_t *p, zm_allocator_t *out);
+size_t zm_page_size(void);
+
+/* ---------------------------------------------------------------- arena */
+
+typedef struct zm_arena_node zm_arena_node_t;
+
+typedef struct zm_arena {
+    zm_allocator_t child;
+    zm_arena_node_t *head; /* newest buffer; older ones follow through ->next */
+    size_t end;            /* bytes used in head, counted from head itself */
+} zm_arena_t;
+
+typedef enum zm_arena_reset_mode {
+    ZM_ARENA_FREE_ALL = 0,
+    ZM_ARENA_RETAIN_CAPACITY = 1,
+    ZM_ARENA_RETAIN_WITH_LIMIT = 2,
+} zm_arena_reset_mode_t;
+
+void zm_arena_init(zm_arena_t *a, zm_allocator_t child);
+void zm_arena_allocator(zm_arena_t *a, zm_allocator_t *out);
+void *zm_arena_alloc(zm_arena_t *a, size_t len, size_t align);
+/* Bytes usable without asking the child again. */
+size_t zm_arena_capacity(const zm_arena_t *a);
+/* Release all allocations. Returns false when the retained capacity could not be kept in
+ * one buffer (the arena is reset all the same, with less capacity). */
+bool zm_arena_reset(zm_arena_t *a, zm_arena_reset_mode_t mode, size_t limit);
+void zm_arena_deinit(zm_arena_t *a);
+
+/* ---------------------------------------------------------------- fixed buffer */
+
+typedef struct zm_fixed_buffer {
+    uint8_t *buffer;
+    size_t len;
+    size_t end;
+} zm_fixed_buffer_t;
+
+void zm_fixed_buffer_init(zm_fixed_buffer_t *f, void *buffer, size_t len);
+void zm_fixed_buffer_allocator(zm_fixed_buffer_t *f, zm_allocator_t *out);
+bool zm_fixed_buffer_owns(const zm_fixed_buffer_t *f, const void *ptr);
+void zm_fixed_buffer_reset(zm_fixed_buffer_t *f);
+
+/* ---------------------------------------------------------------- failing (testing) */
+
+typedef struct zm_failing {
+    zm_allocator_t child;
+    size_t alloc_index;
+    size_t resize_index;
+    size_t fail_index;        /* SIZE_MAX: never */
+    size_t resize_fail_index; /* SIZE_MAX: never */
+    size_t allocations;
+    size_t deallocations;
+    size_t allocated_bytes;
+    size_t freed_bytes;
+    bool has_induced_failure;
+} zm_failing_t;
+
+void zm_failing_init(zm_failing_t *f, zm_allocator_t child, size_t fail_index,
+                     size_t resize_fail_index);
+void zm_failing_allocator(zm_failing_t *f, zm_allocator_t *out);
+
+/* ---------------------------------------------------------------- counting */
+
+typedef struct zm_counting {
+    zm_allocator_t child;
+    size_t current_bytes; /* updated atomically: a counting allocator may be shared */
+    size_t peak_bytes;
+    size_t total_bytes;   /* every byte ever handed out, growth included */
+    size_t current_count;
+    size_t alloc_count;
+    size_t free_count;
+} zm_counting_t;
+
+void zm_counting_init(zm_counting_t *c, zm_allocator_t child);
+void zm_counting_allocator(zm_counting_t *c, zm_allocator_t *out);
+void zm_counting_reset_peak(zm_counting_t *c);
+
+/* ---------------------------------------------------------------- Python entry points
+ *
+ * The Python layer calls these (cffi releases the GIL around them). Addresses travel as
+ * integers. `serialize` takes one process-wide lock around the call, for allocators that are
+ * not thread-safe themselves: two Python threads must not corrupt an arena. */
+
+uintptr_t zm_py_alloc(const zm_allocator_t *a, size_t len, size_t align, int serialize);
+int zm_py_resize(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
+                 size_t new_len, int serialize);
+uintptr_t zm_py_realloc(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
+                        size_t new_len, int serialize);
+void zm_py_free(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
+                int serialize);
+void zm_py_lock(void);
+void zm_py_unlock(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ZIGMEM_H */

@@ -1,0 +1,39 @@
+/* internal.h — helpers shared by the files of csrc/; not part of the public interface. */
+#ifndef ZIGMEM_INTERNAL_H
+#define ZIGMEM_INTERNAL_H
+
+#include "include/zigmem.h"
+
+#define ZM_NOINLINE __attribute__((noinline))
+#define ZM_LIKELY(x) __builtin_expect(!!(x), 1)
+#define ZM_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* Round len up to a multiple of align (a power of two); false on overflow. */
+static inline bool zm_align_up(size_t len, size_t align, size_t *out) {
+    size_t sum;
+    if (__builtin_add_overflow(len, align - 1, &sum)) return false;
+    *out = sum & ~(align - 1);
+    return true;
+}
+
+static inline uintptr_t zm_align_addr(uintptr_t addr, size_t align) {
+    return (addr + (align - 1)) & ~(uintptr_t)(align - 1);
+}
+
+/* Raw vtable calls for wrappers, whose arguments the zm_* helpers already checked. */
+static inline void *zm_child_alloc(zm_allocator_t c, size_t len, size_t align) {
+    return c.vtable->alloc(c.ctx, len, align);
+}
+static inline bool zm_child_resize(zm_allocator_t c, void *p, size_t len, size_t align,
+                                   size_t new_len) {
+    return c.vtable->resize(c.ctx, p, len, align, new_len);
+}
+static inline void *zm_child_remap(zm_allocator_t c, void *p, size_t len, size_t align,
+                                   size_t new_len) {
+    return c.vtable->remap(c.ctx, p, len, align, new_len);
+}
+static inline void zm_child_free(zm_allocator_t c, void *p, size_t len, size_t align) {
+    c.vtable->free(c.ctx, p, len, align);
+}
+
+#endif

@@ -1,0 +1,40 @@
+"""zigmem: Zig's explicit allocators for Python LLM inference.
+
+One allocator per lifetime: weights for the whole process, the KV cache for a conversation,
+activations for one token. See README.md for the tour and DESIGN.md for the contract.
+"""
+
+from . import testing
+from .allocator import Allocator
+from .arena_allocator import ArenaAllocator
+from .buffer import Buffer
+from .counting_allocator import CountingAllocator, CountingStats
+from .errors import (
+    ArenaEscapeError,
+    BufferOverflowError,
+    DanglingViewError,
+    DoubleFreeError,
+    InvalidArgumentError,
+    InvalidFreeError,
+    LeakError,
+    MemorySafetyError,
+    OutOfMemoryError,
+    UseAfterFreeError,
+    WeightFormatError,
+    ZigmemError,
+)
+from .failing_allocator import FailingAllocator
+from .fixed_buffer_allocator import FixedBufferAllocator
+from .page_allocator import PageAllocator, page_allocator
+from .report import memory_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Allocator", "ArenaAllocator", "Buffer", "CountingAllocator", "CountingStats",
+    "FailingAllocator", "FixedBufferAllocator", "PageAllocator", "page_allocator",
+    "memory_report", "testing",
+    "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
+    "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",
+    "LeakError", "DanglingViewError", "ArenaEscapeError", "WeightFormatError",
+]
