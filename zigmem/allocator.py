@@ -203,6 +203,8 @@ class Allocator:
 
     def _check_usable(self, buf: Buffer, action: str) -> None:
         """Raise if ``buf`` no longer refers to memory this allocator holds for it."""
+        if buf._gen == self._generation:
+            return
         where = f"buffer {format_address(buf.address)} ({format_bytes(buf.nbytes)})"
         if buf._gen == _FREED:
             sites = ""
@@ -212,11 +214,10 @@ class Allocator:
             if action == "free":
                 raise DoubleFreeError(f"double free of {where}{sites}")
             raise UseAfterFreeError(f"cannot {action} {where}: it was freed{sites}")
-        if buf._gen != self._generation:
-            raise UseAfterFreeError(
-                f"cannot {action} {where}: {self._describe()} released it "
-                "(reset or deinit) after it was allocated"
-            )
+        raise UseAfterFreeError(
+            f"cannot {action} {where}: {self._describe()} released it "
+            "(reset or deinit) after it was allocated"
+        )
 
     def _check_release(self, buf: Buffer, action: str) -> None:
         """Everything ``free`` / ``resize`` / ``realloc`` must know before touching C."""

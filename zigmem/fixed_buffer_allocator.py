@@ -34,7 +34,7 @@ class FixedBufferAllocator(Allocator):
             self._source = buffer
         try:
             self._cbuf = ffi.from_buffer("char[]", buffer, require_writable=True)
-        except (TypeError, BufferError) as e:
+        except (TypeError, ValueError, BufferError) as e:
             raise InvalidArgumentError(
                 f"FixedBufferAllocator needs a writable contiguous buffer: {e}"
             ) from None
