@@ -134,3 +134,11 @@ def test_memoryview_counts_as_a_view():
     mv.release()
     del mv
     zm.page_allocator.free(buf)
+
+
+def test_buffer_geometry_is_read_only():
+    buf = zm.page_allocator.alloc(16)
+    for name in ("address", "nbytes", "alignment"):
+        with pytest.raises(AttributeError):
+            setattr(buf, name, 1 << 40)
+    zm.page_allocator.free(buf)

@@ -105,8 +105,10 @@ class Allocator:
         if buf.__class__ is not Buffer or buf._allocator is not self or buf._owner is not None \
                 or buf._gen != self._generation:
             self._check_release(buf, "free")
-        _py_free(self._c, buf.address, buf.nbytes, buf.alignment, self._serialize)
+        # Claim the block before the GIL is released, so a racing free of the same Buffer
+        # from another thread sees it freed instead of freeing it twice in C.
         buf._gen = _FREED
+        _py_free(self._c, buf._address, buf._nbytes, buf._alignment, self._serialize)
         if self._live is not None:
             self._untrack(buf)
 
@@ -114,10 +116,10 @@ class Allocator:
         """Grow or shrink ``buf`` in place. False (and ``buf`` unchanged) when it cannot."""
         self._check_release(buf, "resize")
         new_nbytes = check_size(new_nbytes, "new_nbytes")
-        ok = lib.zm_py_resize(self._c, buf.address, buf.nbytes, buf.alignment, new_nbytes,
+        ok = lib.zm_py_resize(self._c, buf._address, buf._nbytes, buf._alignment, new_nbytes,
                               self._serialize)
         if ok:
-            buf.nbytes = new_nbytes
+            buf._nbytes = new_nbytes
         return bool(ok)
 
     def realloc(self, buf: Buffer, new_nbytes: int) -> Buffer:
@@ -127,14 +129,15 @@ class Allocator:
         """
         self._check_release(buf, "realloc")
         new_nbytes = check_size(new_nbytes, "new_nbytes")
-        address = lib.zm_py_realloc(self._c, buf.address, buf.nbytes, buf.alignment,
+        gen, buf._gen = buf._gen, _FREED  # claimed, as in free()
+        address = lib.zm_py_realloc(self._c, buf._address, buf._nbytes, buf._alignment,
                                     new_nbytes, self._serialize)
         if not address:
-            raise_failure(f"{type(self).__name__}.realloc({buf.nbytes} -> {new_nbytes})")
-        buf._gen = _FREED
+            buf._gen = gen
+            raise_failure(f"{type(self).__name__}.realloc({buf._nbytes} -> {new_nbytes})")
         if self._live is not None:
             self._untrack(buf)
-        new = new_buffer(self, address, new_nbytes, buf.alignment)
+        new = new_buffer(self, address, new_nbytes, buf._alignment)
         if self._live is not None:
             self._track(new)
         return new

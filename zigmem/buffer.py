@@ -26,9 +26,9 @@ class _ViewOwner:
     def __init__(self, buffer: Buffer) -> None:
         self.buffer = buffer  # keeps the Buffer, hence its allocator, alive under the views
         self.__array_interface__ = {
-            "shape": (buffer.nbytes,),
+            "shape": (buffer._nbytes,),
             "typestr": "|u1",
-            "data": (buffer.address, False),
+            "data": (buffer._address, False),
             "version": 3,
         }
 
@@ -50,7 +50,13 @@ class Buffer:
         >>> zm.page_allocator.free(buf)
     """
 
-    __slots__ = ("address", "nbytes", "alignment", "_allocator", "_gen", "_owner", "_sites")
+    # Read-only properties over private slots: a Buffer whose size a user could change would
+    # let numpy views reach memory the block does not own.
+    __slots__ = ("_address", "_nbytes", "_alignment", "_allocator", "_gen", "_owner", "_sites")
+
+    address = property(lambda self: self._address, doc="Where the block starts.")
+    nbytes = property(lambda self: self._nbytes, doc="Length of the block in bytes.")
+    alignment = property(lambda self: self._alignment, doc="Alignment it was allocated with.")
 
     @property
     def allocator(self):
@@ -92,9 +98,9 @@ class Buffer:
 def new_buffer(allocator, address: int, nbytes: int, alignment: int) -> Buffer:
     # object.__new__ plus slot stores: the cheapest way to build one on the alloc hot path.
     buf = _new(Buffer)
-    buf.address = address
-    buf.nbytes = nbytes
-    buf.alignment = alignment
+    buf._address = address
+    buf._nbytes = nbytes
+    buf._alignment = alignment
     buf._allocator = allocator
     buf._gen = allocator._generation
     buf._owner = None
