@@ -38,12 +38,16 @@ bench: install
 	$(PY) bench/bench_python.py
 
 ## make sanitize: the C tests under AddressSanitizer + UBSan
+CTESTS := $(wildcard csrc/tests/test_*.c)
 sanitize:
 	mkdir -p csrc/tests/out
-	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
-	  -fno-sanitize-recover=undefined $(CFLAGS_COMMON) csrc/tests/test_core.c $(CSRC) \
-	  -lpthread -o csrc/tests/out/test_core
-	ASAN_OPTIONS=detect_leaks=1 ./csrc/tests/out/test_core
+	set -e; for t in $(CTESTS); do \
+	  out=csrc/tests/out/$$(basename $$t .c); \
+	  $(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
+	    -fno-sanitize-recover=undefined $(CFLAGS_COMMON) -Icsrc/tests $$t $(CSRC) \
+	    -lpthread -o $$out; \
+	  echo "== $$out"; ASAN_OPTIONS=detect_leaks=1 $$out; \
+	done
 
 clean:
 	rm -rf build dist *.egg-info bench/out csrc/tests/out $(VENV)

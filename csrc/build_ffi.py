@@ -18,7 +18,12 @@ typedef struct { void *ctx; ...; } zm_allocator_t;
 typedef struct {
     int code; int sys_errno; uintptr_t address; size_t size; size_t expected;
     size_t offset; size_t count; size_t limit; uint64_t alloc_site; uint64_t free_site;
+    int detail; size_t more;
 } zm_report_t;
+#define ZM_FREE_UNKNOWN_POINTER ...
+#define ZM_FREE_INTERIOR_POINTER ...
+#define ZM_FREE_WRONG_SIZE ...
+#define ZM_FREE_WRONG_ALIGNMENT ...
 zm_report_t *zm_last_report(void);
 
 uintptr_t zm_py_alloc(const zm_allocator_t *a, size_t len, size_t align, int serialize);
@@ -74,6 +79,29 @@ typedef struct {
 void zm_counting_init(zm_counting_t *c, zm_allocator_t child);
 void zm_counting_allocator(zm_counting_t *c, zm_allocator_t *out);
 void zm_counting_reset_peak(zm_counting_t *c);
+
+/* general-purpose allocator */
+typedef struct zm_gpa zm_gpa_t;
+typedef struct {
+    bool safety; bool thread_safe; bool never_unmap; size_t memory_limit;
+    size_t quarantine_bytes;
+} zm_gpa_config_t;
+typedef struct {
+    size_t live_bytes; size_t live_count; size_t peak_bytes; size_t quarantine_bytes;
+    size_t quarantine_count;
+} zm_gpa_stats_t;
+zm_gpa_t *zm_gpa_create(const zm_gpa_config_t *config);
+void zm_gpa_allocator(zm_gpa_t *g, zm_allocator_t *out);
+void zm_gpa_set_thread_site(uint64_t site);
+void zm_gpa_stats(zm_gpa_t *g, zm_gpa_stats_t *out);
+int zm_gpa_check(zm_gpa_t *g);
+size_t zm_gpa_leaks(zm_gpa_t *g, zm_report_t *out, size_t max);
+int zm_gpa_destroy(zm_gpa_t *g);
+uintptr_t zm_gpa_py_alloc(zm_gpa_t *g, size_t len, size_t align, uint64_t site);
+int zm_gpa_py_free(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, uint64_t site);
+int zm_gpa_py_resize(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, size_t new_len);
+uintptr_t zm_gpa_py_realloc(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align,
+                            size_t new_len, uint64_t site);
 """
 
 # Status codes are plain ints on the Python side; cffi takes their values from zigmem.h.

@@ -80,7 +80,17 @@ typedef struct zm_report {
     size_t limit;         /* the limit that refused the request */
     uint64_t alloc_site;  /* caller-provided site ids (general-purpose allocator) */
     uint64_t free_site;
+    int detail;           /* zm_free_detail_t, for ZM_ERR_INVALID_FREE */
+    size_t more;          /* further errors found after this one and not reported */
 } zm_report_t;
+
+/* What exactly was wrong with an invalid free. */
+typedef enum zm_free_detail {
+    ZM_FREE_UNKNOWN_POINTER = 1, /* never returned by this allocator (or long recycled) */
+    ZM_FREE_INTERIOR_POINTER = 2, /* offset bytes inside the block at address */
+    ZM_FREE_WRONG_SIZE = 3,       /* size given, expected the block's */
+    ZM_FREE_WRONG_ALIGNMENT = 4,  /* size = alignment given, expected the block's */
+} zm_free_detail_t;
 
 /* The calling thread's report of its last failure. */
 zm_report_t *zm_last_report(void);
@@ -209,6 +219,54 @@ typedef struct zm_counting {
 void zm_counting_init(zm_counting_t *c, zm_allocator_t child);
 void zm_counting_allocator(zm_counting_t *c, zm_allocator_t *out);
 void zm_counting_reset_peak(zm_counting_t *c);
+
+/* ---------------------------------------------------------------- general-purpose allocator
+ *
+ * A size-class allocator for any block size (see gpa.c). With safety on, every block is
+ * tracked with its call sites, surrounded by red zones and poisoned when freed; misuse is
+ * reported through statuses and zm_report_t, never by aborting. Errors found where no status
+ * can be returned (a free through the vtable, e.g. by an arena on top) are kept as the
+ * allocator's pending error and reported by its next checked call. */
+
+typedef struct zm_gpa zm_gpa_t;
+
+typedef struct zm_gpa_config {
+    bool safety;             /* track blocks, red zones, poison, quarantine */
+    bool thread_safe;        /* a lock around every operation */
+    bool never_unmap;        /* keep freed large blocks mapped until deinit */
+    size_t memory_limit;     /* live requested bytes; SIZE_MAX for none */
+    size_t quarantine_bytes; /* freed bytes held poisoned before their memory is reused */
+} zm_gpa_config_t;
+
+typedef struct zm_gpa_stats {
+    size_t live_bytes;  /* requested bytes of live blocks */
+    size_t live_count;  /* live blocks (tracked with safety on) */
+    size_t peak_bytes;
+    size_t quarantine_bytes;
+    size_t quarantine_count;
+} zm_gpa_stats_t;
+
+zm_gpa_t *zm_gpa_create(const zm_gpa_config_t *config);
+void zm_gpa_allocator(zm_gpa_t *g, zm_allocator_t *out);
+/* The site recorded by this thread's next GPA operations made through the vtable. */
+void zm_gpa_set_thread_site(uint64_t site);
+void zm_gpa_stats(zm_gpa_t *g, zm_gpa_stats_t *out);
+/* Verify every live block's red zones and every quarantined block's poison. Returns the
+ * first problem (report in zm_last_report) after repairing it, or ZM_OK. */
+int zm_gpa_check(zm_gpa_t *g);
+/* Fill out[0..max) with live blocks (address, size, expected = alignment, alloc_site);
+ * returns how many blocks are live. */
+size_t zm_gpa_leaks(zm_gpa_t *g, zm_report_t *out, size_t max);
+/* Release everything. Returns the first corruption found on the way (report filled). */
+int zm_gpa_destroy(zm_gpa_t *g);
+
+/* Checked operations: 0 / ZM_OK, or a status with zm_last_report filled. */
+uintptr_t zm_gpa_py_alloc(zm_gpa_t *g, size_t len, size_t align, uint64_t site);
+int zm_gpa_py_free(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, uint64_t site);
+/* 1: resized, 0: cannot in place, -1: error (report filled) */
+int zm_gpa_py_resize(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, size_t new_len);
+uintptr_t zm_gpa_py_realloc(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align,
+                            size_t new_len, uint64_t site);
 
 /* ---------------------------------------------------------------- Python entry points
  *

@@ -9,18 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "zigmem.h"
-
-static int passed, failed;
-
-#define CHECK(cond)                                                              \
-    do {                                                                         \
-        if (cond) passed++;                                                      \
-        else {                                                                   \
-            failed++;                                                            \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-        }                                                                        \
-    } while (0)
 
 static void fill(void *p, size_t len, unsigned seed) {
     unsigned char *b = p;
@@ -241,6 +231,5 @@ int main(void) {
     test_fixed_buffer();
     test_failing();
     test_counting_threads();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed != 0;
+    return check_summary();
 }
