@@ -477,24 +477,24 @@ static gpa_block_t *find_for_free(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t
         return NULL;
     }
     if (b && b->len == len && b->align == align) return b;
-    memset(r, 0, sizeof *r);
-    r->code = ZM_ERR_INVALID_FREE;
-    r->address = ptr;
     if (b) {
         report_block(r, ZM_ERR_INVALID_FREE, b);
         r->detail = b->len != len ? ZM_FREE_WRONG_SIZE : ZM_FREE_WRONG_ALIGNMENT;
-        r->size = b->len != len ? len : align;
-        r->expected = b->len != len ? b->len : b->align;
+        r->given = b->len != len ? len : align;
         return NULL;
     }
+    memset(r, 0, sizeof *r);
+    r->code = ZM_ERR_INVALID_FREE;
+    r->address = ptr;
+    r->given = len;
     /* Slow path, errors only: is ptr inside some block? */
     r->detail = ZM_FREE_UNKNOWN_POINTER;
-    r->size = len;
     for (size_t i = 0; i < g->table_cap; i++) {
         const gpa_block_t *c = &g->table[i];
         if (c->addr > TOMBSTONE && ptr > c->addr && ptr < c->addr + c->len) {
             report_block(r, ZM_ERR_INVALID_FREE, c);
             r->detail = ZM_FREE_INTERIOR_POINTER;
+            r->given = len;
             r->offset = ptr - c->addr;
             break;
         }
@@ -551,6 +551,8 @@ static int resize_locked(zm_gpa_t *g, void *ptr, size_t len, size_t align, size_
     if (small_class(b->raw_len, lz, &idx)) {
         if (need > class_bytes(idx)) return 0;
     } else {
+        /* Stay large: the block's span, and where it is freed to, follow from raw_len. */
+        if (small_class(need, lz, &idx)) return 0;
         if (!zm_child_resize(g->page, (void *)raw_start(b), b->raw_len, lz, need)) return 0;
         b->raw_len = need;
     }
@@ -753,27 +755,29 @@ uintptr_t zm_gpa_py_realloc(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align
     py_enter(g);
     gpa_lock(g);
     if (take_pending(g)) goto out;
-    if (len == 0 || new_len == 0) {
-        p = (void *)(uintptr_t)align;
-        if (new_len) p = alloc_locked(g, new_len, align, site);
-        else if (free_locked(g, (void *)ptr, len, align, site, r) != ZM_OK) p = NULL;
+    /* Validate the old block first: a problem is reported with nothing changed, and the
+     * free at the end cannot fail half-way. */
+    if (len != 0 && g->cfg.safety) {
+        gpa_block_t *b = find_for_free(g, ptr, len, align, r);
+        if (!b) {
+            if (r->code == ZM_ERR_DOUBLE_FREE) r->code = ZM_ERR_USE_AFTER_FREE;
+            goto out;
+        }
+        if (verify_block(g, b, r) != ZM_OK) goto out;
+    }
+    if (new_len == 0 || len == 0) {
+        if (len) free_locked(g, (void *)ptr, len, align, site, r);
+        p = new_len ? alloc_locked(g, new_len, align, site) : (void *)(uintptr_t)align;
         goto out;
     }
-    int ok = resize_locked(g, (void *)ptr, len, align, new_len, r);
-    if (ok != 0) {
-        p = ok > 0 ? (void *)ptr : NULL;
+    if (resize_locked(g, (void *)ptr, len, align, new_len, r) > 0) {
+        p = (void *)ptr;
         goto out;
     }
     p = alloc_locked(g, new_len, align, site);
     if (!p) goto out;
     memcpy(p, (void *)ptr, len < new_len ? len : new_len);
-    if (free_locked(g, (void *)ptr, len, align, site, r) != ZM_OK) {
-        /* The old block was misused (say, overflowed): report it; the new one goes back. */
-        zm_report_t keep = *r;
-        free_locked(g, p, new_len, align, site, r);
-        *r = keep;
-        p = NULL;
-    }
+    free_locked(g, (void *)ptr, len, align, site, r); /* validated: cannot fail */
 out:
     gpa_unlock(g);
     py_leave(g);

@@ -16,6 +16,12 @@ FACTORIES = {
     "fixed_buffer": lambda: (zm.FixedBufferAllocator(bytearray(96 << 20)), 2 << 20),
     "failing_never": lambda: (zm.FailingAllocator(zm.page_allocator), 2 << 20),
     "counting": lambda: (zm.CountingAllocator(name="t"), 2 << 20),
+    "gpa_safe": lambda: (zm.GeneralPurposeAllocator(), 2 << 20),
+    "gpa_fast": lambda: (zm.GeneralPurposeAllocator(safety=False), 2 << 20),
+    "gpa_unlocked_never_unmap": lambda: (
+        zm.GeneralPurposeAllocator(thread_safe=False, never_unmap=True, stack_trace_frames=0),
+        2 << 20),
+    "arena_over_gpa": lambda: (zm.ArenaAllocator(zm.GeneralPurposeAllocator()), 2 << 20),
 }
 
 

@@ -4,12 +4,15 @@ The model is a dict of what each live block must contain. Every block is filled 
 pattern, so any allocator handing out overlapping memory, or losing bytes on realloc, fails.
 """
 
+
 import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import zigmem as zm
+from helpers import flip
 
 sizes = st.one_of(st.integers(0, 256), st.integers(257, 70_000))
 aligns = st.sampled_from([1, 8, 16, 64, 4096, 1 << 16])
@@ -25,6 +28,8 @@ class AllocatorModel(RuleBasedStateMachine):
             self.allocator = zm.ArenaAllocator(self.counting)
         elif self.kind == "fixed":
             self.allocator = zm.FixedBufferAllocator(bytearray(64 << 20))
+        elif self.kind == "gpa":
+            self.allocator = zm.GeneralPurposeAllocator(stack_trace_frames=1)
         else:
             self.allocator = self.counting
         self.live = {}  # Buffer -> seed
@@ -53,7 +58,7 @@ class AllocatorModel(RuleBasedStateMachine):
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def free(self, data):
-        buf = data.draw(st.sampled_from(sorted(self.live, key=id)))
+        buf = data.draw(st.sampled_from(sorted(self.live, key=self.live.get)))
         self._expect(buf)
         del self.live[buf]
         self.allocator.free(buf)
@@ -61,7 +66,7 @@ class AllocatorModel(RuleBasedStateMachine):
     @precondition(lambda self: self.live)
     @rule(data=st.data(), n=sizes)
     def realloc(self, data, n):
-        buf = data.draw(st.sampled_from(sorted(self.live, key=id)))
+        buf = data.draw(st.sampled_from(sorted(self.live, key=self.live.get)))
         try:
             new = self.allocator.realloc(buf, n)
         except zm.OutOfMemoryError:
@@ -76,7 +81,7 @@ class AllocatorModel(RuleBasedStateMachine):
     @precondition(lambda self: self.live)
     @rule(data=st.data(), n=sizes)
     def resize(self, data, n):
-        buf = data.draw(st.sampled_from(sorted(self.live, key=id)))
+        buf = data.draw(st.sampled_from(sorted(self.live, key=self.live.get)))
         old = buf.nbytes
         if self.allocator.resize(buf, n):
             self._expect(buf, min(n, old))
@@ -99,8 +104,11 @@ class AllocatorModel(RuleBasedStateMachine):
             self._expect(buf)
 
     def teardown(self):
+        for buf in list(self.live):
+            self.allocator.free(buf)
         self.live.clear()
-        self.allocator.deinit()
+        result = self.allocator.deinit()
+        assert result in (None, "ok")
         if self.allocator is not self.counting:
             self.counting.deinit()
 
@@ -124,7 +132,41 @@ class CountingPageModel(AllocatorModel):
         assert stats.current_bytes == sum(b.nbytes for b in nonzero)
 
 
+
+
+class GeneralPurposeModel(AllocatorModel):
+    """The same model on the safety allocator, with corruptions injected between steps: each
+    must be reported, precisely and once, and nothing else may ever be reported."""
+
+    kind = "gpa"
+
+    @precondition(lambda self: any(b.nbytes for b in self.live))
+    @rule(data=st.data(), n=st.integers(1, 16), before=st.booleans())
+    def overflow(self, data, n, before):
+        buf = data.draw(st.sampled_from(sorted((b for b in self.live if b.nbytes), key=self.live.get)))
+        flip(buf.address - n if before else buf.address + buf.nbytes, n)
+        kind = "underflow" if before else "overflow"
+        with pytest.raises(zm.BufferOverflowError, match=rf"{kind}: {n} bytes"):
+            self.allocator.check()
+
+    @precondition(lambda self: any(b.nbytes for b in self.live))
+    @rule(data=st.data())
+    def write_after_free(self, data):
+        buf = data.draw(st.sampled_from(sorted((b for b in self.live if b.nbytes), key=self.live.get)))
+        offset = data.draw(st.integers(0, buf.nbytes - 1))
+        del self.live[buf]
+        self.allocator.free(buf)
+        flip(buf.address + offset, 1)
+        with pytest.raises(zm.UseAfterFreeError, match=rf"1 bytes changed, the first at offset {offset}\b"):
+            self.allocator.check()
+
+    @invariant()
+    def no_false_reports(self):
+        self.allocator.check()
+
+
 _settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 TestArena = _settings(ArenaModel).TestCase
 TestFixedBuffer = _settings(FixedBufferModel).TestCase
 TestCountingPage = _settings(CountingPageModel).TestCase
+TestGeneralPurpose = _settings(GeneralPurposeModel).TestCase

@@ -25,6 +25,7 @@ from .errors import (
 )
 from .failing_allocator import FailingAllocator
 from .fixed_buffer_allocator import FixedBufferAllocator
+from .general_purpose_allocator import GeneralPurposeAllocator, GeneralPurposeStats, LeakedBlock
 from .page_allocator import PageAllocator, page_allocator
 from .report import memory_report
 
@@ -32,7 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Allocator", "ArenaAllocator", "Buffer", "CountingAllocator", "CountingStats",
-    "FailingAllocator", "FixedBufferAllocator", "PageAllocator", "page_allocator",
+    "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
+    "LeakedBlock", "PageAllocator", "page_allocator",
     "memory_report", "testing",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",

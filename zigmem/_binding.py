@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 
-from . import errors
-from ._format import format_bytes
+from . import _sites, errors
+from ._format import format_address, format_bytes
 from ._zigmem import ffi, lib
 
-__all__ = ["ffi", "lib", "raise_failure", "check_size", "check_alignment", "SIZE_MAX"]
+__all__ = [
+    "ffi", "lib", "failure", "raise_failure", "check_size", "check_alignment", "SIZE_MAX",
+]
 
 SIZE_MAX = int(ffi.cast("size_t", -1))
 
@@ -39,17 +41,70 @@ def _oom_message(what: str, report) -> str:
     return f"{what}: out of memory allocating {format_bytes(size)}{detail}"
 
 
-def raise_failure(what: str) -> None:
-    """Raise the exception for the calling thread's last C failure. ``what`` names the call."""
+def _block(report) -> str:
+    return f"block {format_address(report.address)} ({format_bytes(report.size)})"
+
+
+def _sites_of(report, again: int = 0) -> str:
+    text = f"; allocated at {_sites.describe(report.alloc_site)}"
+    if report.free_site:
+        text += f"; {'first ' if again else ''}freed at {_sites.describe(report.free_site)}"
+    if again:
+        text += f"; freed again at {_sites.describe(again)}"
+    return text
+
+
+def _invalid_free(what: str, report) -> str:
+    detail = report.detail
+    if detail == lib.ZM_FREE_INTERIOR_POINTER:
+        return (f"{what}: invalid free: the pointer is {report.offset} bytes inside "
+                f"{_block(report)}{_sites_of(report)}")
+    if detail == lib.ZM_FREE_WRONG_SIZE:
+        return (f"{what}: invalid free of {_block(report)}: freed with size {report.given} "
+                f"but allocated with {report.size}{_sites_of(report)}")
+    if detail == lib.ZM_FREE_WRONG_ALIGNMENT:
+        return (f"{what}: invalid free of {_block(report)}: freed with alignment "
+                f"{report.given} but allocated with {report.expected}{_sites_of(report)}")
+    return (f"{what}: invalid free of {format_address(report.address)}: this allocator never "
+            "returned it (or it was freed long ago and left the quarantine)")
+
+
+def failure(what: str, site: int = 0) -> Exception:
+    """The exception for the calling thread's last C failure. ``what`` names the call and
+    ``site`` (a zigmem._sites id) where it was made."""
     report = lib.zm_last_report()
     code = report.code
+    more = f" (and {report.more} more problems found)" if report.more else ""
     if code == lib.ZM_ERR_ALIGNMENT:
-        raise errors.InvalidArgumentError(
-            f"{what}: alignment {report.size} is not a power of two"
-        )
+        return errors.InvalidArgumentError(f"{what}: alignment {report.size} is not a power of two")
     if code == lib.ZM_ERR_INVALID_ARG:
-        raise errors.InvalidArgumentError(f"{what}: invalid argument ({report.size})")
-    raise errors.OutOfMemoryError(_oom_message(what, report))
+        return errors.InvalidArgumentError(f"{what}: invalid argument ({report.size})")
+    if code == lib.ZM_ERR_DOUBLE_FREE:
+        return errors.DoubleFreeError(
+            f"{what}: double free of {_block(report)}{_sites_of(report, again=site)}{more}")
+    if code == lib.ZM_ERR_INVALID_FREE:
+        return errors.InvalidFreeError(_invalid_free(what, report) + more)
+    if code == lib.ZM_ERR_OVERFLOW:
+        past = report.offset - report.size
+        return errors.BufferOverflowError(
+            f"{what}: buffer overflow: {report.count} bytes after the end of {_block(report)} "
+            f"were overwritten, the first at offset {report.offset} ({past} bytes past the "
+            f"end){_sites_of(report)}{more}")
+    if code == lib.ZM_ERR_UNDERFLOW:
+        return errors.BufferOverflowError(
+            f"{what}: buffer underflow: {report.count} bytes before the start of "
+            f"{_block(report)} were overwritten, the first {report.offset} bytes before it"
+            f"{_sites_of(report)}{more}")
+    if code == lib.ZM_ERR_USE_AFTER_FREE:
+        return errors.UseAfterFreeError(
+            f"{what}: {_block(report)} was written after it was freed: {report.count} bytes "
+            f"changed, the first at offset {report.offset}{_sites_of(report)}{more}")
+    return errors.OutOfMemoryError(_oom_message(what, report))
+
+
+def raise_failure(what: str, site: int = 0) -> None:
+    """Raise :func:`failure` for the calling thread's last C failure."""
+    raise failure(what, site)
 
 
 def check_size(value, name: str) -> int:

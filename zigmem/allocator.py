@@ -212,10 +212,11 @@ class Allocator:
         if buf._gen == _FREED:
             sites = ""
             if buf._sites:
-                sites = (f": allocated at {_sites.describe(buf._sites[0])}, "
+                sites = (f"; allocated at {_sites.describe(buf._sites[0])}; "
                          f"first freed at {_sites.describe(buf._sites[1])}")
             if action == "free":
-                raise DoubleFreeError(f"double free of {where}{sites}")
+                again = f"; freed again at {_sites.describe(_sites.here(8))}" if sites else ""
+                raise DoubleFreeError(f"double free of {where}{sites}{again}")
             raise UseAfterFreeError(f"cannot {action} {where}: it was freed{sites}")
         raise UseAfterFreeError(
             f"cannot {action} {where}: {self._describe()} released it "
@@ -268,12 +269,12 @@ class Allocator:
         self._site_frames = frames
 
     def _track(self, buf: Buffer) -> None:
-        buf._sites = (_sites.capture(self._site_frames), ())
+        buf._sites = (_sites.here(self._site_frames), 0)
         self._live[id(buf)] = buf
 
     def _untrack(self, buf: Buffer) -> None:
         self._live.pop(id(buf), None)
-        buf._sites = (buf._sites[0], _sites.capture(self._site_frames))
+        buf._sites = (buf._sites[0], _sites.here(self._site_frames))
 
     def live_buffers(self) -> list[Buffer]:
         """Blocks allocated and not yet freed, when site tracking is on (else empty)."""

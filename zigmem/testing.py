@@ -23,7 +23,7 @@ def _leaks(failing: FailingAllocator, counting: CountingAllocator) -> str | None
         return None
     lines = [f"{stats.current_count} blocks ({format_bytes(stats.current_bytes)}) still allocated"]
     for buf in failing.live_buffers():
-        alloc_site = buf._sites[0] if buf._sites else ()
+        alloc_site = buf._sites[0] if buf._sites else 0
         lines.append(f"  {format_address(buf.address)} {format_bytes(buf.nbytes)} "
                      f"allocated at {_sites.describe(alloc_site)}")
     return "\n".join(lines)

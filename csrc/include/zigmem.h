@@ -74,13 +74,14 @@ typedef struct zm_report {
     int sys_errno;        /* errno from the OS call that failed, if any */
     uintptr_t address;    /* the block concerned */
     size_t size;          /* the size requested, or the block's size */
-    size_t expected;      /* the size / alignment the allocator expected (invalid frees) */
+    size_t expected;      /* the block's alignment */
     size_t offset;        /* where corruption starts, relative to the block */
     size_t count;         /* how many bytes are corrupted */
     size_t limit;         /* the limit that refused the request */
     uint64_t alloc_site;  /* caller-provided site ids (general-purpose allocator) */
     uint64_t free_site;
     int detail;           /* zm_free_detail_t, for ZM_ERR_INVALID_FREE */
+    size_t given;         /* the size or alignment an invalid free passed */
     size_t more;          /* further errors found after this one and not reported */
 } zm_report_t;
 
@@ -88,8 +89,8 @@ typedef struct zm_report {
 typedef enum zm_free_detail {
     ZM_FREE_UNKNOWN_POINTER = 1, /* never returned by this allocator (or long recycled) */
     ZM_FREE_INTERIOR_POINTER = 2, /* offset bytes inside the block at address */
-    ZM_FREE_WRONG_SIZE = 3,       /* size given, expected the block's */
-    ZM_FREE_WRONG_ALIGNMENT = 4,  /* size = alignment given, expected the block's */
+    ZM_FREE_WRONG_SIZE = 3,       /* given: the size passed; size: the block's */
+    ZM_FREE_WRONG_ALIGNMENT = 4,  /* given: the alignment passed; expected: the block's */
 } zm_free_detail_t;
 
 /* The calling thread's report of its last failure. */

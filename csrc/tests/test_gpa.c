@@ -73,9 +73,10 @@ static void test_double_and_invalid_frees(void) {
     CHECK(last()->detail == ZM_FREE_INTERIOR_POINTER && last()->offset == 10 &&
           last()->size == 1000 && last()->address == q);
     CHECK(zm_gpa_py_free(g, q, 999, 16, 6) == ZM_ERR_INVALID_FREE);
-    CHECK(last()->detail == ZM_FREE_WRONG_SIZE && last()->size == 999 && last()->expected == 1000);
+    CHECK(last()->detail == ZM_FREE_WRONG_SIZE && last()->given == 999 && last()->size == 1000);
     CHECK(zm_gpa_py_free(g, q, 1000, 32, 6) == ZM_ERR_INVALID_FREE);
-    CHECK(last()->detail == ZM_FREE_WRONG_ALIGNMENT);
+    CHECK(last()->detail == ZM_FREE_WRONG_ALIGNMENT && last()->given == 32 &&
+          last()->expected == 16);
     static char never[64];
     CHECK(zm_gpa_py_free(g, (uintptr_t)never, 64, 16, 6) == ZM_ERR_INVALID_FREE);
     CHECK(last()->detail == ZM_FREE_UNKNOWN_POINTER);
@@ -212,7 +213,80 @@ static void test_vtable_composition(void) {
     CHECK(zm_gpa_destroy(g) == ZM_OK);
 }
 
+/* Random alloc / resize / realloc / free against a model, as the Python state machine does,
+ * with sizes and alignments that cross every size-class and small/large boundary. */
+typedef struct {
+    uintptr_t p;
+    size_t len, align;
+    unsigned char seed;
+} slot_t;
+
+static bool holds(const slot_t *s, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (((unsigned char *)s->p)[i] != (unsigned char)(s->seed + i)) return false;
+    return true;
+}
+
+static void stamp(slot_t *s, unsigned char seed) {
+    s->seed = seed;
+    for (size_t i = 0; i < s->len; i++) ((unsigned char *)s->p)[i] = (unsigned char)(seed + i);
+}
+
+static void test_random_model(bool safety) {
+    zm_gpa_t *g = make(safety, 1 << 20, SIZE_MAX);
+    slot_t slots[64] = {0};
+    unsigned rng = 12345;
+#define RAND() (rng = rng * 1103515245u + 12345u, (rng >> 8))
+    for (int step = 0; step < 30000; step++) {
+        slot_t *s = &slots[RAND() % 64];
+        size_t n = RAND() % 3 ? RAND() % 300 : RAND() % 70000;
+        size_t align = (size_t)1 << (RAND() % 17);
+        if (!s->len) {
+            s->p = zm_gpa_py_alloc(g, n, align, 1);
+            CHECK(s->p != 0 && (s->p & (align - 1)) == 0);
+            s->len = n;
+            s->align = align;
+            stamp(s, (unsigned char)step);
+            continue;
+        }
+        CHECK(holds(s, s->len));
+        switch (RAND() % 3) {
+        case 0:
+            CHECK(zm_gpa_py_free(g, s->p, s->len, s->align, 2) == ZM_OK);
+            s->len = 0;
+            break;
+        case 1: {
+            int ok = zm_gpa_py_resize(g, s->p, s->len, s->align, n);
+            CHECK(ok >= 0);
+            if (ok == 1) {
+                CHECK(holds(s, s->len < n ? s->len : n));
+                s->len = n;
+                stamp(s, (unsigned char)step);
+            }
+            break;
+        }
+        default: {
+            uintptr_t q = zm_gpa_py_realloc(g, s->p, s->len, s->align, n, 3);
+            CHECK(q != 0);
+            s->p = q;
+            CHECK(holds(s, s->len < n ? s->len : n));
+            s->len = n;
+            stamp(s, (unsigned char)step);
+        }
+        }
+        if (step % 1000 == 0) CHECK(zm_gpa_check(g) == ZM_OK);
+    }
+    for (int i = 0; i < 64; i++)
+        if (slots[i].len) CHECK(zm_gpa_py_free(g, slots[i].p, slots[i].len, slots[i].align, 4) == ZM_OK);
+    zm_report_t none[1];
+    CHECK(zm_gpa_leaks(g, none, 1) == 0);
+    CHECK(zm_gpa_destroy(g) == ZM_OK);
+#undef RAND
+}
+
 int main(void) {
+    test_random_model(true);
+    test_random_model(false);
     test_fast_mode();
     test_overflow_and_underflow();
     test_double_and_invalid_frees();
