@@ -33,7 +33,7 @@ demo: install
 ## make bench: native C benchmarks and Python benchmarks, as ratio tables
 bench: install
 	mkdir -p bench/out
-	$(CC) -O2 $(CFLAGS_COMMON) bench/bench_core.c $(CSRC) -o bench/out/bench_core
+	$(CC) -O2 $(CFLAGS_COMMON) bench/bench_core.c $(CSRC) -lm -lpthread -o bench/out/bench_core
 	./bench/out/bench_core
 	$(PY) bench/bench_python.py
 

@@ -61,6 +61,21 @@ def main() -> None:
         ("arena alloc(64) + free", per_op(arena_roundtrip, 20000), base, "median <= 1 us"),
         ("arena alloc(64) + np.asarray + reset", per_op(arena_alloc_view, 5000), base, ""),
     ]
+    gpa = zm.GeneralPurposeAllocator()  # safety on, stack_trace_frames=6
+    gpa_alloc, gpa_free = gpa.alloc, gpa.free
+    bare = zm.GeneralPurposeAllocator(stack_trace_frames=0)
+
+    def gpa_roundtrip():
+        gpa_free(gpa_alloc(64))
+
+    def bare_roundtrip():
+        bare.free(bare.alloc(64))
+
+    rows += [
+        ("gpa (safety, 6 frames) alloc(64) + free", per_op(gpa_roundtrip, 5000), base,
+         "median <= 5 us"),
+        ("gpa (safety, no frames) alloc(64) + free", per_op(bare_roundtrip, 5000), base, ""),
+    ]
     base64k = per_op(numpy_64k, 5000)
     rows += [
         ("np.empty(64 KiB) + del (baseline)", base64k, base64k, ""),
@@ -68,6 +83,8 @@ def main() -> None:
     ]
     table(rows)
     arena.deinit()
+    gpa.deinit()
+    bare.deinit()
 
 
 if __name__ == "__main__":

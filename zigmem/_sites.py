@@ -1,10 +1,11 @@
 """Where in the user's Python code something happened, as ``file:line in function`` frames.
 
 A site is captured as a small integer id, cheap enough for every allocation: the stack is
-read as (code object, line) pairs and interned, so one call site costs one dict lookup and
-its id can be stored in C (the general-purpose allocator keeps the ids of each block's
-allocation and free). Frames inside the zigmem package itself are skipped, so a site names
-the caller's line, not the allocator method that recorded it. Id 0 means "not recorded".
+read as (code object, instruction offset) pairs and interned, so one call site costs one
+dict lookup, and line numbers are worked out only when a report is printed. The id can be
+stored in C (the general-purpose allocator keeps each block's allocation and free sites).
+Frames inside the zigmem package itself are skipped, so a site names the caller's line,
+not the allocator method that recorded it. Id 0 means "not recorded".
 """
 
 from __future__ import annotations
@@ -14,42 +15,56 @@ import os
 import sys
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_getframe = sys._getframe
 
-_internal: dict[int, bool] = {}           # id(code) -> inside zigmem?
-_codes: dict[int, object] = {}            # id(code) -> code: pinned, so ids stay unique
-_ids: dict[tuple, int] = {}               # ((id(code), line), ...) -> site id
-_frames: dict[int, tuple] = {0: ()}       # site id -> ((code, line), ...)
+_internal: dict[int, bool] = {}   # id(code) -> inside zigmem?
+_ids: dict[tuple, int] = {}       # (id(code), offset, id(code), offset, ...) -> site id
+_frames: dict[int, tuple] = {0: ()}  # site id -> ((code, offset), ...); pins the codes, so
+                                     # an id(code) in a known key always means that code
 _counter = itertools.count(1)
+
+
+def _is_internal(code) -> bool:
+    internal = _internal.get(id(code))
+    if internal is None:
+        internal = _internal[id(code)] = code.co_filename.startswith(_PACKAGE_DIR)
+    return internal
 
 
 def here(frames: int) -> int:
     """The id of the calling stack's innermost ``frames`` frames outside zigmem (0 if none)."""
     if frames <= 0:
         return 0
+    f = _getframe(1)
+    while f is not None and _is_internal(f.f_code):
+        f = f.f_back
     key = []
-    f = sys._getframe(1)
-    while f is not None and len(key) < frames:
+    codes = []
+    while f is not None and len(codes) < frames:
         code = f.f_code
-        cid = id(code)
-        internal = _internal.get(cid)
-        if internal is None:
-            internal = _internal[cid] = code.co_filename.startswith(_PACKAGE_DIR)
-            _codes[cid] = code
-        if not internal:
-            key.append((cid, f.f_lineno))
+        key += (id(code), f.f_lasti)
+        codes.append((code, f.f_lasti))
         f = f.f_back
     key = tuple(key)
     site = _ids.get(key)
     if site is None:
         new = next(_counter)
-        _frames[new] = tuple((_codes[cid], line) for cid, line in key)
+        _frames[new] = tuple(codes)
         site = _ids.setdefault(key, new)
     return site
 
 
+def _line(code, offset: int) -> int | None:
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            return line
+    return code.co_firstlineno
+
+
 def frames(site: int) -> list[str]:
     """The frames of a site, innermost first, as ``file:line in function``."""
-    return [f"{code.co_filename}:{line} in {code.co_name}" for code, line in _frames.get(site, ())]
+    return [f"{code.co_filename}:{_line(code, offset)} in {code.co_name}"
+            for code, offset in _frames.get(site, ())]
 
 
 def describe(site: int) -> str:

@@ -17,7 +17,7 @@ _gpa_alloc = lib.zm_gpa_py_alloc
 _gpa_free = lib.zm_gpa_py_free
 _here = _sites.here
 
-DEFAULT_QUARANTINE = 32 << 20
+DEFAULT_QUARANTINE = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ class GeneralPurposeAllocator(Allocator):
         stack_trace_frames: Python frames recorded at allocation and free (0: none).
         memory_limit: Most bytes that live blocks may request together; beyond it ``alloc``
             raises ``OutOfMemoryError`` naming the limit and a growing ``resize`` returns False.
-        quarantine_bytes: Freed bytes held poisoned before their memory is reused (safety).
+        quarantine_bytes: Freed bytes held poisoned before their memory is reused (safety);
+            the most recently freed block is held whatever its size. Larger catches staler
+            pointers; smaller keeps the poison checks in cache (see the README's numbers).
 
     Example:
         >>> with zm.GeneralPurposeAllocator() as gpa:   # raises LeakError on leaks

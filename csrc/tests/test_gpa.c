@@ -140,6 +140,13 @@ static void test_limit_and_resize(void) {
     CHECK(zm_gpa_py_alloc(g, 1 << 30, 16, 1) == 0 && last()->code == ZM_ERR_LIMIT);
     CHECK(zm_gpa_destroy(g) == ZM_OK);
 
+    /* a block larger than the whole quarantine is still held: its double free is caught */
+    g = make(true, 4096, SIZE_MAX);
+    uintptr_t huge = zm_gpa_py_alloc(g, 1u << 20, 16, 1);
+    CHECK(zm_gpa_py_free(g, huge, 1u << 20, 16, 2) == ZM_OK);
+    CHECK(zm_gpa_py_free(g, huge, 1u << 20, 16, 3) == ZM_ERR_DOUBLE_FREE);
+    CHECK(zm_gpa_destroy(g) == ZM_OK);
+
     g = make(true, 1 << 20, SIZE_MAX);
     CHECK(zm_gpa_py_alloc(g, SIZE_MAX - 8, 16, 1) == 0 && last()->code == ZM_ERR_TOO_LARGE);
     uintptr_t big = zm_gpa_py_alloc(g, 3u << 20, 2u << 20, 1); /* large, over-aligned */
