@@ -146,7 +146,7 @@ static zm_allocator_t gpa_of(zm_gpa_t **g, bool safety, bool thread_safe, size_t
 static void row(const char *name, double *v, double *base, const char *unit, double scale,
                 const char *target) {
     double m = median(v, REPEATS), b = median(base, REPEATS);
-    printf("%-48s %10.2f %-3s %8.3fx   %s\n", name, m * scale, unit, m / b, target);
+    printf("%-52s %10.2f %-3s %8.3fx   %s\n", name, m * scale, unit, m / b, target);
 }
 
 int main(void) {
@@ -168,7 +168,7 @@ int main(void) {
         direct[i] = arena_64(&arena, arena_a, 0);
         vt[i] = arena_64(&arena, arena_a, 1);
     }
-    printf("%-48s %14s %9s   %s\n", "case", "median", "ratio", "target");
+    printf("%-52s %14s %9s   %s\n", "case", "median", "ratio", "target");
     row("glibc malloc+free 64 B (baseline)", base, base, "ns", 1e9, "");
     row("arena alloc 64 B (zm_arena_alloc)", direct, base, "ns", 1e9, "<= 0.40x");
     row("arena alloc 64 B (through the vtable)", vt, base, "ns", 1e9, "<= 0.40x");
