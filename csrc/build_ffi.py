@@ -8,6 +8,7 @@ imports the result. Structs are declared with ``...;`` so cffi takes their real 
 
 from pathlib import Path
 
+import numpy
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +36,13 @@ void zm_py_free(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align
                 int serialize);
 void zm_py_lock(void);
 void zm_py_unlock(void);
+
+/* tensor */
+typedef struct { uintptr_t data; uintptr_t shape; uintptr_t strides; size_t nbytes;
+                 size_t ndim; } zm_tensor_t;
+int zm_py_tensor_init(zm_tensor_t *t, const zm_allocator_t *a, const int64_t *shape,
+                      size_t ndim, size_t itemsize, int serialize);
+void zm_py_tensor_deinit(zm_tensor_t *t, const zm_allocator_t *a, int serialize);
 
 /* page */
 #define ZM_PAGE_HUGE_PAGES ...
@@ -102,6 +110,12 @@ int zm_gpa_py_free(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, uint64_
 int zm_gpa_py_resize(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, size_t new_len);
 uintptr_t zm_gpa_py_realloc(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align,
                             size_t new_len, uint64_t site);
+
+/* numpy bridge state (the handler functions themselves are reached through ctypes) */
+typedef struct { size_t live_count; size_t live_bytes; size_t total_count; size_t bad_frees;
+                 uintptr_t bad_address; ...; } zm_np_state_t;
+void zm_np_state_init(zm_np_state_t *s, zm_allocator_t allocator, int serialize);
+size_t zm_np_live(zm_np_state_t *s, zm_report_t *out, size_t max);
 """
 
 # Status codes are plain ints on the Python side; cffi takes their values from zigmem.h.
@@ -123,9 +137,11 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "zigmem._zigmem",
-    '#include "zigmem.h"',
-    sources=sorted(_relative(p) for p in HERE.glob("*.c")),
-    include_dirs=[_relative(HERE / "include"), _relative(HERE)],
+    '#include "zigmem.h"\n#include "numpy_bridge.h"',
+    # The C core, and the glue that needs Python.h and numpy's headers (python/).
+    sources=sorted(_relative(p) for p in [*HERE.glob("*.c"), *HERE.glob("python/*.c")]),
+    include_dirs=[_relative(HERE / "include"), _relative(HERE), _relative(HERE / "python"),
+                  numpy.get_include()],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
     py_limited_api=False,  # the numpy bridge needs the full C API
 )

@@ -28,6 +28,8 @@ from .fixed_buffer_allocator import FixedBufferAllocator
 from .general_purpose_allocator import GeneralPurposeAllocator, GeneralPurposeStats, LeakedBlock
 from .page_allocator import PageAllocator, page_allocator
 from .report import memory_report
+from .scope import Scope
+from .tensor import Tensor
 
 __version__ = "0.1.0"
 
@@ -35,7 +37,7 @@ __all__ = [
     "Allocator", "ArenaAllocator", "Buffer", "CountingAllocator", "CountingStats",
     "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
     "LeakedBlock", "PageAllocator", "page_allocator",
-    "memory_report", "testing",
+    "memory_report", "testing", "Scope", "Tensor",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",
     "LeakError", "DanglingViewError", "ArenaEscapeError", "WeightFormatError",

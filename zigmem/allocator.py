@@ -59,6 +59,7 @@ class Allocator:
         self._views: weakref.WeakSet = weakref.WeakSet()
         self._live: dict[int, Buffer] | None = None  # set by _track_sites
         self._site_frames = 0
+        self._numpy_bridge = None  # created by the first numpy() block
         for child in children:
             child._users.append(type(self).__name__)
 
@@ -104,7 +105,7 @@ class Allocator:
         """
         if buf.__class__ is not Buffer or buf._allocator is not self or buf._owner is not None \
                 or buf._gen != self._generation:
-            self._check_release(buf, "free")
+            self._check_release(buf, "free", releasing=True)
         # Claim the block before the GIL is released, so a racing free of the same Buffer
         # from another thread sees it freed instead of freeing it twice in C.
         buf._gen = _FREED
@@ -165,6 +166,26 @@ class Allocator:
         for child in self._children:
             child._users.remove(type(self).__name__)
 
+    def numpy(self):
+        """Serve numpy's own data allocations from this allocator inside a ``with`` block.
+
+        Every numpy data buffer made in the block (``np.empty``, ufunc and matmul outputs,
+        temporaries) comes from this allocator; each array frees into it when it dies, also
+        after the block. Resetting or deinitialising the allocator while such arrays live
+        raises (``ArenaEscapeError`` / ``DanglingViewError``). Affects the current thread or
+        asyncio task only (NumPy keeps the handler in a ContextVar); blocks nest.
+
+        Example:
+            >>> with arena.numpy():
+            ...     logits = hidden @ w_out      # temporaries and result in the arena
+            ...     token = int(logits.argmax())
+            >>> del logits
+            >>> arena.reset("retain_capacity")
+        """
+        from .numpy_bridge import ServeNumpy
+
+        return ServeNumpy(self, self._site_frames or 1)
+
     def __enter__(self):
         return self
 
@@ -204,8 +225,10 @@ class Allocator:
         if self._closed:
             raise UseAfterFreeError(f"cannot {action}: {self._describe()} was deinitialised")
 
-    def _check_usable(self, buf: Buffer, action: str) -> None:
-        """Raise if ``buf`` no longer refers to memory this allocator holds for it."""
+    def _check_usable(self, buf: Buffer, action: str, releasing: bool = False) -> None:
+        """Raise if ``buf`` no longer refers to memory this allocator holds for it; a freed
+        block that is being released again is a double free, any other use of it a use
+        after free."""
         if buf._gen == self._generation:
             return
         where = f"buffer {format_address(buf.address)} ({format_bytes(buf.nbytes)})"
@@ -214,7 +237,7 @@ class Allocator:
             if buf._sites:
                 sites = (f"; allocated at {_sites.describe(buf._sites[0])}; "
                          f"first freed at {_sites.describe(buf._sites[1])}")
-            if action == "free":
+            if releasing:
                 again = f"; freed again at {_sites.describe(_sites.here(8))}" if sites else ""
                 raise DoubleFreeError(f"double free of {where}{sites}{again}")
             raise UseAfterFreeError(f"cannot {action} {where}: it was freed{sites}")
@@ -223,7 +246,7 @@ class Allocator:
             "(reset or deinit) after it was allocated"
         )
 
-    def _check_release(self, buf: Buffer, action: str) -> None:
+    def _check_release(self, buf: Buffer, action: str, releasing: bool = False) -> None:
         """Everything ``free`` / ``resize`` / ``realloc`` must know before touching C."""
         if not isinstance(buf, Buffer):
             raise InvalidArgumentError(f"{action} expects a Buffer, got {type(buf).__name__}")
@@ -233,7 +256,7 @@ class Allocator:
                 f"({format_bytes(buf.nbytes)}) through {self._describe()}: "
                 f"it belongs to {buf._allocator._describe()}"
             )
-        self._check_usable(buf, action)
+        self._check_usable(buf, action, releasing)
         if buf._owner is not None:
             if buf._owner() is not None:
                 raise DanglingViewError(
@@ -244,6 +267,12 @@ class Allocator:
             buf._owner = None
 
     def _check_no_views(self, action: str, error: type[DanglingViewError]) -> None:
+        """Refuse ``action`` while numpy can still reach this allocator's memory: views of
+        its Buffers, or arrays that numpy allocated from it (``numpy()`` blocks)."""
+        bridge = self._numpy_bridge
+        if bridge is not None and bridge.live_count:
+            raise error(f"cannot {action} {self._describe()}: {bridge.describe_live()}; "
+                        "nothing was released")
         owners = list(self._views)
         if not owners:
             return

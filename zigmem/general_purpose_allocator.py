@@ -85,7 +85,7 @@ class GeneralPurposeAllocator(Allocator):
             "never_unmap": bool(never_unmap), "memory_limit": limit,
             "quarantine_bytes": check_size(quarantine_bytes, "quarantine_bytes"),
         })
-        self._frames = check_size(stack_trace_frames, "stack_trace_frames")
+        self._site_frames = check_size(stack_trace_frames, "stack_trace_frames")
         self._g = lib.zm_gpa_create(config)
         if self._g == ffi.NULL:
             raise OutOfMemoryError("GeneralPurposeAllocator: cannot map its bookkeeping")
@@ -100,7 +100,7 @@ class GeneralPurposeAllocator(Allocator):
     def alloc(self, nbytes: int, alignment: int = 64) -> Buffer:
         if self._closed:
             self._check_open("alloc")
-        site = _here(self._frames) if self._frames else 0
+        site = _here(self._site_frames) if self._site_frames else 0
         try:
             address = _gpa_alloc(self._g, nbytes, alignment, site)
         except (TypeError, OverflowError):
@@ -118,8 +118,8 @@ class GeneralPurposeAllocator(Allocator):
         quarantine. Corruption found is raised after the block is freed."""
         if buf.__class__ is not Buffer or buf._allocator is not self or buf._owner is not None \
                 or buf._gen != self._generation:
-            self._check_release(buf, "free")
-        site = _here(self._frames) if self._frames else 0
+            self._check_release(buf, "free", releasing=True)
+        site = _here(self._site_frames) if self._site_frames else 0
         buf._gen = _FREED  # claimed before the GIL is released, as in Allocator.free
         buf._sites = (buf._sites[0], site)
         if _gpa_free(self._g, buf._address, buf._nbytes, buf._alignment, site):
@@ -138,7 +138,7 @@ class GeneralPurposeAllocator(Allocator):
     def realloc(self, buf: Buffer, new_nbytes: int) -> Buffer:
         self._check_release(buf, "realloc")
         new_nbytes = check_size(new_nbytes, "new_nbytes")
-        site = _here(self._frames) if self._frames else 0
+        site = _here(self._site_frames) if self._site_frames else 0
         gen, buf._gen = buf._gen, _FREED
         address = lib.zm_gpa_py_realloc(self._g, buf._address, buf._nbytes, buf._alignment,
                                         new_nbytes, site)

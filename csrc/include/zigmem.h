@@ -269,6 +269,23 @@ int zm_gpa_py_resize(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, size_
 uintptr_t zm_gpa_py_realloc(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align,
                             size_t new_len, uint64_t site);
 
+/* ---------------------------------------------------------------- tensor */
+
+/* Data (64-byte aligned), and owned copies of the shape and of the strides in elements
+ * (C order). Addresses are integers so that Python reads them without conversion. */
+typedef struct zm_tensor {
+    uintptr_t data;
+    uintptr_t shape;   /* int64_t[ndim] */
+    uintptr_t strides; /* int64_t[ndim] */
+    size_t nbytes;
+    size_t ndim;
+} zm_tensor_t;
+
+/* All three allocations, or none (status returned, zm_last_report filled). */
+int zm_tensor_init(zm_tensor_t *t, zm_allocator_t a, const int64_t *shape, size_t ndim,
+                   size_t itemsize);
+void zm_tensor_deinit(zm_tensor_t *t, zm_allocator_t a);
+
 /* ---------------------------------------------------------------- Python entry points
  *
  * The Python layer calls these (cffi releases the GIL around them). Addresses travel as
@@ -282,6 +299,9 @@ uintptr_t zm_py_realloc(const zm_allocator_t *a, uintptr_t ptr, size_t len, size
                         size_t new_len, int serialize);
 void zm_py_free(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
                 int serialize);
+int zm_py_tensor_init(zm_tensor_t *t, const zm_allocator_t *a, const int64_t *shape,
+                      size_t ndim, size_t itemsize, int serialize);
+void zm_py_tensor_deinit(zm_tensor_t *t, const zm_allocator_t *a, int serialize);
 void zm_py_lock(void);
 void zm_py_unlock(void);
 

@@ -225,7 +225,38 @@ static void test_counting_threads(void) {
     CHECK(c.peak_bytes == 0);
 }
 
+/* Tensor init is all-or-nothing: make each of its allocations fail in turn. */
+static void test_tensor_errdefer(void) {
+    zm_page_t pa;
+    zm_allocator_t page, counting_a, a;
+    zm_page_init(&pa, 0);
+    zm_page_allocator(&pa, &page);
+    zm_counting_t c;
+    zm_counting_init(&c, page);
+    zm_counting_allocator(&c, &counting_a);
+    const int64_t shape[] = {3, 4, 5};
+    zm_failing_t f;
+    zm_tensor_t t;
+    for (size_t fail = 0; fail < 3; fail++) {
+        zm_failing_init(&f, counting_a, fail, SIZE_MAX);
+        zm_failing_allocator(&f, &a);
+        CHECK(zm_tensor_init(&t, a, shape, 3, 4) == ZM_ERR_INDUCED);
+        CHECK(c.current_count == 0 && f.allocations == f.deallocations);
+    }
+    zm_failing_init(&f, counting_a, SIZE_MAX, SIZE_MAX);
+    CHECK(zm_tensor_init(&t, a, shape, 3, 4) == ZM_OK);
+    CHECK(t.nbytes == 240 && ((int64_t *)t.strides)[0] == 20 && ((int64_t *)t.strides)[2] == 1);
+    CHECK(((int64_t *)t.shape)[1] == 4 && c.current_count == 3);
+    zm_tensor_deinit(&t, a);
+    CHECK(c.current_count == 0);
+    const int64_t negative[] = {2, -1}, huge[] = {INT64_MAX, INT64_MAX};
+    CHECK(zm_tensor_init(&t, a, negative, 2, 4) == ZM_ERR_INVALID_ARG);
+    CHECK(zm_tensor_init(&t, a, huge, 2, 4) == ZM_ERR_TOO_LARGE);
+    CHECK(c.current_count == 0);
+}
+
 int main(void) {
+    test_tensor_errdefer();
     test_page();
     test_arena();
     test_fixed_buffer();

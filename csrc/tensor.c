@@ -1,0 +1,68 @@
+/* tensor.c — the seed design's Tensor(T): data, an owned copy of the shape and the strides
+ * (in elements), three allocations from one allocator, made and released in one call.
+ *
+ * init is all-or-nothing (Zig's errdefer): if the second or third allocation fails, the
+ * ones already made are freed before the failure is returned. */
+#include <string.h>
+
+#include "internal.h"
+
+int zm_tensor_init(zm_tensor_t *t, zm_allocator_t a, const int64_t *shape, size_t ndim,
+                   size_t itemsize) {
+    size_t n = itemsize, meta;
+    memset(t, 0, sizeof *t);
+    for (size_t i = 0; i < ndim; i++) {
+        if (shape[i] < 0) {
+            zm_fail(ZM_ERR_INVALID_ARG, i, 0, 0);
+            return ZM_ERR_INVALID_ARG;
+        }
+        if (__builtin_mul_overflow(n, (size_t)shape[i], &n)) {
+            zm_fail(ZM_ERR_TOO_LARGE, n, 0, 0);
+            return ZM_ERR_TOO_LARGE;
+        }
+    }
+    if (__builtin_mul_overflow(ndim, sizeof(int64_t), &meta)) return ZM_ERR_TOO_LARGE;
+    void *data = zm_alloc(a, n, 64);
+    if (!data) return zm_last_report()->code ? zm_last_report()->code : ZM_ERR_OUT_OF_MEMORY;
+    int64_t *shape_copy = zm_alloc(a, meta, 8);
+    if (!shape_copy) goto free_data;
+    int64_t *strides = zm_alloc(a, meta, 8);
+    if (!strides) goto free_shape;
+    memcpy(shape_copy, shape, meta);
+    int64_t stride = 1;
+    for (size_t i = ndim; i-- > 0;) {
+        strides[i] = stride;
+        stride *= shape[i] ? shape[i] : 1; /* no overflow: the product fit in size_t */
+    }
+    *t = (zm_tensor_t){(uintptr_t)data, (uintptr_t)shape_copy, (uintptr_t)strides, n, ndim};
+    return ZM_OK;
+free_shape:
+    zm_free(a, shape_copy, meta, 8);
+free_data:
+    zm_free(a, data, n, 64);
+    return zm_last_report()->code ? zm_last_report()->code : ZM_ERR_OUT_OF_MEMORY;
+}
+
+void zm_tensor_deinit(zm_tensor_t *t, zm_allocator_t a) {
+    size_t meta = t->ndim * sizeof(int64_t);
+    zm_free(a, (void *)t->strides, meta, 8);
+    zm_free(a, (void *)t->shape, meta, 8);
+    zm_free(a, (void *)t->data, t->nbytes, 64);
+    memset(t, 0, sizeof *t);
+}
+
+int zm_py_tensor_init(zm_tensor_t *t, const zm_allocator_t *a, const int64_t *shape,
+                      size_t ndim, size_t itemsize, int serialize) {
+    int status;
+    zm_last_report()->code = ZM_OK;
+    if (serialize) zm_py_lock();
+    status = zm_tensor_init(t, *a, shape, ndim, itemsize);
+    if (serialize) zm_py_unlock();
+    return status;
+}
+
+void zm_py_tensor_deinit(zm_tensor_t *t, const zm_allocator_t *a, int serialize) {
+    if (serialize) zm_py_lock();
+    zm_tensor_deinit(t, *a);
+    if (serialize) zm_py_unlock();
+}

@@ -1,0 +1,85 @@
+"""Scope: Zig's ``defer`` and ``errdefer`` for Python code that builds things in steps."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class Scope:
+    """Runs registered cleanups when the ``with`` block exits, last registered first.
+
+    ``defer(fn, *args)`` runs on every exit; ``errdefer(fn, *args)`` only when the block
+    raises, to roll back what was built before the failure. Both kinds run in one
+    last-in-first-out order, interleaved as registered, as in Zig. If cleanups raise, the
+    rest still run and every error reaches the caller: one alone is raised, several as an
+    ``ExceptionGroup`` (chained on Python 3.10); an error from the block itself is kept as
+    their ``__context__``, or raised unchanged when no cleanup failed.
+
+    Example:
+        >>> with zm.Scope() as s:
+        ...     k = s.enter(zm.Tensor(gpa, (n, d)), errdefer=True)   # keep on success
+        ...     tmp = s.enter(zm.Tensor(arena, (n, n)))              # always freed
+        ...     s.defer(print, "done")
+
+    As a decorator, the function gets a fresh Scope as its first argument:
+
+        >>> @zm.Scope()
+        ... def build(s, allocator):
+        ...     a = s.enter(zm.Tensor(allocator, (4,)), errdefer=True)
+        ...     b = s.enter(zm.Tensor(allocator, (4,)), errdefer=True)
+        ...     return a, b                     # both kept; on failure, both freed
+    """
+
+    __slots__ = ("_cleanups",)
+
+    def __init__(self) -> None:
+        self._cleanups: list[tuple[bool, object, tuple, dict]] = []
+
+    def defer(self, fn, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` when the block exits. Returns ``fn``."""
+        self._cleanups.append((False, fn, args, kwargs))
+        return fn
+
+    def errdefer(self, fn, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` only if the block exits with an exception."""
+        self._cleanups.append((True, fn, args, kwargs))
+        return fn
+
+    def enter(self, obj, *, errdefer: bool = False):
+        """Register ``obj.deinit`` (deferred, or only on error) and return ``obj``."""
+        (self.errdefer if errdefer else self.defer)(obj.deinit)
+        return obj
+
+    def __enter__(self) -> Scope:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        errors = []
+        while self._cleanups:
+            on_error_only, fn, args, kwargs = self._cleanups.pop()
+            if on_error_only and exc_type is None:
+                continue
+            try:
+                fn(*args, **kwargs)
+            except BaseException as e:  # every cleanup runs; none is swallowed
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            if sys.version_info >= (3, 11):
+                raise BaseExceptionGroup("deferred cleanups failed", errors)
+            for earlier, later in zip(errors, errors[1:]):
+                later.__context__ = earlier
+            raise errors[-1]
+        return False
+
+    def __call__(self, fn):
+        """Use as a decorator: each call runs ``fn(scope, *args)`` in a fresh Scope."""
+
+        @functools.wraps(fn)
+        def scoped(*args, **kwargs):
+            with Scope() as scope:
+                return fn(scope, *args, **kwargs)
+
+        return scoped
