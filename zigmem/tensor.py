@@ -31,9 +31,12 @@ class Tensor:
     __slots__ = ("_t", "_allocator", "_gen", "_buf", "_shape", "_dtype")
 
     def __init__(self, allocator: Allocator, shape, dtype="float32") -> None:
-        if not isinstance(allocator, Allocator):
-            raise InvalidArgumentError(f"allocator must be a zigmem allocator, not {type(allocator).__name__}")
-        if allocator._closed:
+        try:
+            closed = allocator._closed
+        except AttributeError:
+            raise InvalidArgumentError(
+                f"allocator must be a zigmem allocator, not {type(allocator).__name__}") from None
+        if closed:
             allocator._check_open("allocate a Tensor from")
         self._dtype = resolve(dtype)
         shape = self._shape = tuple(shape)
@@ -112,8 +115,7 @@ class Tensor:
             buf._gen = _FREED
         self._gen = _FREED  # claimed before the GIL is released
         lib.zm_py_tensor_deinit(self._t, allocator._c, allocator._serialize)
-        _structs.append(self._t)
-        self._t = None
+        _structs.append(self._t)  # reusable: every later access checks _gen first
 
     def _buffer(self, action: str | None):
         """The data as a Buffer (views and their tracking go through it). With an action,

@@ -39,35 +39,43 @@ typedef struct zm_np_handler {
     PyObject *owner; /* the Python allocator: alive while any array can free into it */
 } zm_np_handler_t;
 
-/* ---------------------------------------------------------------- the live list */
+/* ---------------------------------------------------------------- the live list
+ *
+ * Guarded by the lock that already serializes the allocator when it is not thread-safe
+ * (one lock per buffer, not two), else by the state's own spin lock. */
 
-static void list_lock(zm_np_state_t *s) {
+static void state_lock(zm_np_state_t *s) {
+    if (s->serialize) {
+        zm_py_lock();
+        return;
+    }
     while (__atomic_exchange_n(&s->lock, 1, __ATOMIC_ACQUIRE))
         while (__atomic_load_n(&s->lock, __ATOMIC_RELAXED)) {
         }
 }
 
-static void list_unlock(zm_np_state_t *s) { __atomic_store_n(&s->lock, 0, __ATOMIC_RELEASE); }
+static void state_unlock(zm_np_state_t *s) {
+    if (s->serialize) zm_py_unlock();
+    else __atomic_store_n(&s->lock, 0, __ATOMIC_RELEASE);
+}
 
+/* Both with the state locked. */
 static void link_block(zm_np_state_t *s, zm_np_block_t *b) {
-    list_lock(s);
     b->prev = NULL;
     b->next = s->live;
     if (s->live) s->live->prev = b;
     s->live = b;
     s->live_count++;
     s->live_bytes += b->nbytes;
-    list_unlock(s);
+    s->total_count++;
 }
 
 static void unlink_block(zm_np_state_t *s, zm_np_block_t *b) {
-    list_lock(s);
     if (b->prev) b->prev->next = b->next;
     else s->live = b->next;
     if (b->next) b->next->prev = b->prev;
     s->live_count--;
     s->live_bytes -= b->nbytes;
-    list_unlock(s);
 }
 
 void zm_np_state_init(zm_np_state_t *s, zm_allocator_t allocator, int serialize) {
@@ -78,7 +86,7 @@ void zm_np_state_init(zm_np_state_t *s, zm_allocator_t allocator, int serialize)
 
 size_t zm_np_live(zm_np_state_t *s, zm_report_t *out, size_t max) {
     size_t n = 0;
-    list_lock(s);
+    state_lock(s);
     for (zm_np_block_t *b = s->live; b; b = b->next, n++) {
         if (n >= max) continue;
         memset(&out[n], 0, sizeof out[n]);
@@ -86,37 +94,28 @@ size_t zm_np_live(zm_np_state_t *s, zm_report_t *out, size_t max) {
         out[n].size = b->nbytes;
         out[n].alloc_site = b->site;
     }
-    list_unlock(s);
+    state_unlock(s);
     return n;
 }
 
 /* ---------------------------------------------------------------- the handler */
 
-static zm_np_block_t *block_alloc(zm_np_handler_t *h, size_t total) {
-    zm_np_state_t *s = h->state;
-    zm_gpa_set_thread_site(h->site);
-    if (s->serialize) zm_py_lock();
-    zm_np_block_t *b = zm_alloc(s->allocator, total, 64);
-    if (s->serialize) zm_py_unlock();
-    zm_gpa_set_thread_site(0);
-    return b;
-}
-
-static void *start_block(zm_np_handler_t *h, zm_np_block_t *b, size_t nbytes) {
-    b->state = h->state;
-    b->nbytes = nbytes;
-    b->site = h->site;
-    b->magic = MAGIC ^ (uintptr_t)b;
-    link_block(h->state, b);
-    __atomic_add_fetch(&h->state->total_count, 1, __ATOMIC_RELAXED);
-    return b + 1;
-}
-
 static void *np_malloc(void *ctx, size_t size) {
+    zm_np_handler_t *h = ctx;
+    zm_np_state_t *s = h->state;
     size_t total;
     if (__builtin_add_overflow(size, sizeof(zm_np_block_t), &total)) return NULL;
-    zm_np_block_t *b = block_alloc(ctx, total);
-    return b ? start_block(ctx, b, size) : NULL;
+    if (h->site) zm_gpa_set_thread_site(h->site); /* recorded by a general-purpose allocator */
+    state_lock(s);
+    zm_np_block_t *b = zm_alloc(s->allocator, total, 64);
+    if (b) {
+        *b = (zm_np_block_t){.state = s, .nbytes = size, .site = h->site,
+                             .magic = MAGIC ^ (uintptr_t)b};
+        link_block(s, b);
+    }
+    state_unlock(s);
+    if (h->site) zm_gpa_set_thread_site(0);
+    return b ? b + 1 : NULL;
 }
 
 static void *np_calloc(void *ctx, size_t nelem, size_t elsize) {
@@ -142,14 +141,13 @@ static void np_free(void *ctx, void *ptr, size_t size) {
     if (!ptr) return;
     zm_np_block_t *b = header_of(s, ptr);
     if (!b) return; /* leak it rather than free with a size we cannot trust */
+    if (h->site) zm_gpa_set_thread_site(h->site);
+    state_lock(s);
     unlink_block(s, b);
     b->magic = 0; /* a second free of the same pointer is then caught above */
-    size_t total = b->nbytes + sizeof *b;
-    zm_gpa_set_thread_site(h->site);
-    if (s->serialize) zm_py_lock();
-    zm_free(s->allocator, b, total, 64);
-    if (s->serialize) zm_py_unlock();
-    zm_gpa_set_thread_site(0);
+    zm_free(s->allocator, b, b->nbytes + sizeof *b, 64);
+    state_unlock(s);
+    if (h->site) zm_gpa_set_thread_site(0);
 }
 
 static void *np_realloc(void *ctx, void *ptr, size_t new_size) {
@@ -159,15 +157,17 @@ static void *np_realloc(void *ctx, void *ptr, size_t new_size) {
     size_t total;
     zm_np_block_t *b = header_of(s, ptr);
     if (!b || __builtin_add_overflow(new_size, sizeof *b, &total)) return NULL;
+    state_lock(s);
     unlink_block(s, b);
-    if (s->serialize) zm_py_lock();
     zm_np_block_t *moved = zm_realloc(s->allocator, b, b->nbytes + sizeof *b, 64, total);
-    if (s->serialize) zm_py_unlock();
-    if (!moved) {
-        link_block(s, b); /* numpy raises MemoryError; the old buffer is intact */
-        return NULL;
+    if (moved) {
+        moved->nbytes = new_size;
+        moved->magic = MAGIC ^ (uintptr_t)moved;
+        b = moved;
     }
-    return start_block(h, moved, new_size);
+    link_block(s, b); /* on failure numpy raises MemoryError; the old buffer is intact */
+    state_unlock(s);
+    return moved ? moved + 1 : NULL;
 }
 
 /* ---------------------------------------------------------------- Python C API (GIL held) */
