@@ -36,6 +36,7 @@ bench: install
 	$(CC) -O2 $(CFLAGS_COMMON) bench/bench_core.c $(CSRC) -lm -lpthread -o bench/out/bench_core
 	./bench/out/bench_core
 	$(PY) bench/bench_python.py
+	$(PY) bench/bench_kv_cache.py
 
 ## make sanitize: the C tests under AddressSanitizer + UBSan
 CTESTS := $(wildcard csrc/tests/test_*.c)

@@ -76,6 +76,13 @@ int zm_py_resize(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t alig
     return ok;
 }
 
+uintptr_t zm_py_remap(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
+                      size_t new_len, int serialize) {
+    void *p;
+    ZM_SERIALIZED(serialize, p = zm_remap(*a, (void *)ptr, len, align, new_len));
+    return (uintptr_t)p;
+}
+
 uintptr_t zm_py_realloc(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
                         size_t new_len, int serialize) {
     void *p;

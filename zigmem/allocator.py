@@ -123,6 +123,27 @@ class Allocator:
             buf._nbytes = new_nbytes
         return bool(ok)
 
+    def remap(self, buf: Buffer, new_nbytes: int) -> Buffer | None:
+        """Resize ``buf`` without copying: in place, or by moving its pages (``mremap``).
+
+        Returns the resized Buffer (``buf`` is consumed), or None when the allocator cannot
+        do it without a copy (``buf`` unchanged): then ``realloc`` copies.
+        """
+        self._check_release(buf, "remap")
+        new_nbytes = check_size(new_nbytes, "new_nbytes")
+        gen, buf._gen = buf._gen, _FREED  # claimed, as in free()
+        address = lib.zm_py_remap(self._c, buf._address, buf._nbytes, buf._alignment,
+                                  new_nbytes, self._serialize)
+        if not address:
+            buf._gen = gen
+            return None
+        if self._live is not None:
+            self._untrack(buf)
+        new = new_buffer(self, address, new_nbytes, buf._alignment)
+        if self._live is not None:
+            self._track(new)
+        return new
+
     def realloc(self, buf: Buffer, new_nbytes: int) -> Buffer:
         """Resize ``buf``, moving it if needed (contents kept up to the smaller size).
 

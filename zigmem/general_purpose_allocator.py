@@ -135,6 +135,15 @@ class GeneralPurposeAllocator(Allocator):
             buf._nbytes = new_nbytes
         return bool(ok)
 
+    def remap(self, buf: Buffer, new_nbytes: int) -> Buffer | None:
+        """In place only: a moved block would need fresh red zones, which is a realloc."""
+        if not self.resize(buf, new_nbytes):
+            return None
+        new = new_buffer(self, buf._address, buf._nbytes, buf._alignment)
+        new._sites = buf._sites
+        buf._gen = _FREED
+        return new
+
     def realloc(self, buf: Buffer, new_nbytes: int) -> Buffer:
         self._check_release(buf, "realloc")
         new_nbytes = check_size(new_nbytes, "new_nbytes")

@@ -295,6 +295,8 @@ void zm_tensor_deinit(zm_tensor_t *t, zm_allocator_t a);
 uintptr_t zm_py_alloc(const zm_allocator_t *a, size_t len, size_t align, int serialize);
 int zm_py_resize(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
                  size_t new_len, int serialize);
+uintptr_t zm_py_remap(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
+                      size_t new_len, int serialize);
 uintptr_t zm_py_realloc(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
                         size_t new_len, int serialize);
 void zm_py_free(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
