@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 CC     ?= gcc
-CFLAGS_COMMON := -std=gnu11 -Wall -Wextra -Werror -Icsrc/include -Icsrc
+CFLAGS_COMMON := -std=gnu11 -Wall -Wextra -Werror -ffp-contract=off -Icsrc/include -Icsrc
 CSRC   := $(wildcard csrc/*.c)
 
 .PHONY: all install test demo bench sanitize ctest clean

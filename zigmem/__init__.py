@@ -31,6 +31,8 @@ from .page_allocator import PageAllocator, page_allocator
 from .report import memory_report
 from .scope import Scope
 from .tensor import Tensor
+from .weights import TensorInfo, WeightFile, load_weights
+from .safetensors_file import save_safetensors
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,7 @@ __all__ = [
     "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
     "LeakedBlock", "PageAllocator", "page_allocator",
     "memory_report", "testing", "Scope", "Tensor", "KVCache",
+    "load_weights", "WeightFile", "TensorInfo", "save_safetensors",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",
     "LeakError", "DanglingViewError", "ArenaEscapeError", "WeightFormatError",

@@ -286,6 +286,62 @@ int zm_tensor_init(zm_tensor_t *t, zm_allocator_t a, const int64_t *shape, size_
                    size_t itemsize);
 void zm_tensor_deinit(zm_tensor_t *t, zm_allocator_t a);
 
+/* ---------------------------------------------------------------- weight files */
+
+/* A file mapped into memory: shared read-only, or private copy-on-write (WRITABLE). */
+typedef struct zm_mapping {
+    uintptr_t addr;
+    size_t size;
+} zm_mapping_t;
+
+enum { ZM_MAP_WRITABLE = 1u << 0, ZM_MAP_POPULATE = 1u << 1, ZM_MAP_LOCK = 1u << 2 };
+enum { ZM_ADVICE_NONE = 0, ZM_ADVICE_SEQUENTIAL = 1, ZM_ADVICE_RANDOM = 2, ZM_ADVICE_WILLNEED = 3 };
+
+/* An empty file maps to {0, 0}. Failures: status, with errno / the memlock limit reported. */
+int zm_map_file(const char *path, unsigned flags, int advice, zm_mapping_t *out);
+void zm_unmap(zm_mapping_t *m);
+
+/* GGUF (see gguf.c for the byte layout). Offsets are absolute in the file. */
+typedef struct zm_gguf_info {
+    uint32_t version;
+    uint64_t n_tensors, n_kv;
+    uint64_t alignment;
+    uint64_t data_offset;
+} zm_gguf_info_t;
+
+typedef struct zm_gguf_kv {
+    uint64_t key, key_len;
+    uint32_t type;      /* GGUF value type */
+    uint32_t item_type; /* arrays: the items' type */
+    uint64_t value;     /* offset of the value; of the first item for arrays; of the bytes
+                           for strings */
+    uint64_t count;     /* arrays: items; strings: bytes */
+    uint64_t end;       /* offset just past the value */
+} zm_gguf_kv_t;
+
+typedef struct zm_gguf_tensor {
+    uint64_t name, name_len;
+    uint32_t n_dims, type; /* ggml type */
+    uint64_t dims[4];      /* dims[0] varies fastest */
+    uint64_t offset;
+    uint64_t nbytes;
+} zm_gguf_tensor_t;
+
+/* Check the magic, version and counts (against the file size). */
+int zm_gguf_header(const uint8_t *data, size_t size, zm_gguf_info_t *info, char *err,
+                   size_t err_len);
+/* Fill kvs[n_kv] and tensors[n_tensors], validating everything; scratch holds
+ * max(n_kv, n_tensors) * 24 bytes. Errors: ZM_ERR_INVALID_ARG, described in err. */
+int zm_gguf_parse(const uint8_t *data, size_t size, zm_gguf_info_t *info, zm_gguf_kv_t *kvs,
+                  zm_gguf_tensor_t *tensors, void *scratch, char *err, size_t err_len);
+bool zm_ggml_type_size(uint32_t type, uint32_t *block, uint32_t *bytes);
+
+enum { ZM_GGML_F32 = 0, ZM_GGML_F16 = 1, ZM_GGML_Q4_0 = 2, ZM_GGML_Q4_1 = 3, ZM_GGML_Q8_0 = 8,
+       ZM_GGML_BF16 = 30 };
+/* n elements of a ggml type to float32 (F32, F16, BF16, Q4_0, Q4_1, Q8_0); else
+ * ZM_ERR_INVALID_ARG. */
+int zm_dequantize(uint32_t type, const void *src, size_t n, float *dst);
+
 /* ---------------------------------------------------------------- Python entry points
  *
  * The Python layer calls these (cffi releases the GIL around them). Addresses travel as

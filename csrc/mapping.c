@@ -1,0 +1,68 @@
+/* mapping.c — files mapped into memory, for weights: read-only and shared (one copy in the
+ * page cache for every process that maps the file), or private copy-on-write when the
+ * caller wants to write without touching the file. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+static size_t memlock_limit(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_MEMLOCK, &rl) != 0) return 0;
+    return rl.rlim_cur == RLIM_INFINITY ? SIZE_MAX : (size_t)rl.rlim_cur;
+}
+
+int zm_map_file(const char *path, unsigned flags, int advice, zm_mapping_t *out) {
+    static const int advices[] = {0, MADV_SEQUENTIAL, MADV_RANDOM, MADV_WILLNEED};
+    out->addr = 0;
+    out->size = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        zm_fail(ZM_ERR_INVALID_ARG, 0, 0, errno);
+        return ZM_ERR_INVALID_ARG;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        zm_fail(ZM_ERR_INVALID_ARG, 0, 0, errno ? errno : EINVAL);
+        close(fd);
+        return ZM_ERR_INVALID_ARG;
+    }
+    size_t size = (size_t)st.st_size;
+    if (size == 0) { /* nothing to map; the parser reports the empty file */
+        close(fd);
+        return ZM_OK;
+    }
+    int prot = PROT_READ, map = MAP_SHARED;
+    if (flags & ZM_MAP_WRITABLE) {
+        prot |= PROT_WRITE;
+        map = MAP_PRIVATE; /* copy-on-write: the file is never written */
+    }
+    if (flags & ZM_MAP_POPULATE) map |= MAP_POPULATE;
+    void *p = mmap(NULL, size, prot, map, fd, 0);
+    int err = errno;
+    close(fd); /* the mapping keeps the file */
+    if (p == MAP_FAILED) {
+        zm_fail(ZM_ERR_OUT_OF_MEMORY, size, 0, err);
+        return ZM_ERR_OUT_OF_MEMORY;
+    }
+    if (advice > 0 && advice < 4) (void)madvise(p, size, advices[advice]);
+    if ((flags & ZM_MAP_LOCK) && mlock(p, size) != 0) {
+        zm_fail(ZM_ERR_MLOCK, size, memlock_limit(), errno);
+        munmap(p, size);
+        return ZM_ERR_MLOCK;
+    }
+    out->addr = (uintptr_t)p;
+    out->size = size;
+    return ZM_OK;
+}
+
+void zm_unmap(zm_mapping_t *m) {
+    if (m->addr) munmap((void *)m->addr, m->size);
+    m->addr = 0;
+    m->size = 0;
+}

@@ -1,0 +1,187 @@
+"""safetensors: parse a mapped file's header strictly; write files streaming from arrays.
+
+Layout: u64 little-endian header length N, N bytes of JSON (UTF-8, may end in spaces), then
+the data section. The JSON maps tensor names to {"dtype", "shape", "data_offsets":
+[begin, end]} (relative to the data section) plus an optional "__metadata__" of strings.
+Validation is at least the reference reader's (header size cap, UTF-8, offsets from 0,
+contiguous, no holes or overlaps, each range exactly shape x dtype, the data section exactly
+the rest of the file) and stricter where its README says so: duplicate keys are rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from .errors import WeightFormatError
+
+MAX_HEADER = 100_000_000  # the reference reader's cap
+
+# dtype -> (bits per element, numpy type name or None when numpy has none)
+DTYPES = {
+    "BOOL": (8, "bool"), "U8": (8, "uint8"), "I8": (8, "int8"), "I16": (16, "int16"),
+    "U16": (16, "uint16"), "F16": (16, "float16"), "BF16": (16, "bfloat16"),
+    "I32": (32, "int32"), "U32": (32, "uint32"), "F32": (32, "float32"),
+    "F64": (64, "float64"), "I64": (64, "int64"), "U64": (64, "uint64"),
+    "C64": (64, "complex64"), "F8_E5M2": (8, "float8_e5m2"), "F8_E4M3": (8, "float8_e4m3fn"),
+    "F8_E8M0": (8, "float8_e8m0fnu"), "F4": (4, None), "F6_E2M3": (6, None), "F6_E3M2": (6, None),
+}
+_RAW = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
+
+
+def numpy_dtype(name: str) -> np.dtype | None:
+    """The numpy dtype for a safetensors dtype: ml_dtypes types when installed, else None."""
+    bits, np_name = DTYPES[name]
+    if np_name is None:
+        return None
+    try:
+        return np.dtype(np_name)
+    except TypeError:
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        return np.dtype(getattr(ml_dtypes, np_name))
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise WeightFormatError(f"duplicate key {key!r} in the header")
+        seen[key] = value
+    return seen
+
+
+def parse(root: np.ndarray):
+    """(metadata, [TensorInfo]) of a mapped safetensors file, or WeightFormatError."""
+    from .weights import TensorInfo
+
+    size = root.size
+    if size < 8:
+        raise WeightFormatError(f"{size} bytes is too short for the 8-byte header length")
+    n = int.from_bytes(bytes(root[:8]), "little")
+    if n > MAX_HEADER:
+        raise WeightFormatError(f"header length {n} exceeds the {MAX_HEADER}-byte cap")
+    if n > size - 8:
+        raise WeightFormatError(f"header of {n} bytes runs past the end of the {size}-byte file")
+    try:
+        text = bytes(root[8:8 + n]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WeightFormatError(f"header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.startswith("{"):
+        raise WeightFormatError("header is not a JSON object")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as e:
+        raise WeightFormatError(f"header is not valid JSON: {e}") from None
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise WeightFormatError("__metadata__ must map strings to strings")
+    start, data_size = 8 + n, size - 8 - n
+    entries = []
+    for name, entry in header.items():
+        entries.append(_entry(name, entry))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    infos, expected = [], 0
+    for name, dtype, shape, begin, end in entries:
+        if begin != expected:
+            what = "overlaps the previous tensor" if begin < expected else "leaves a hole before it"
+            raise WeightFormatError(f"tensor {name!r}: data_offsets start at {begin}, which {what} "
+                                    f"(expected {expected})")
+        elements = math.prod(shape)
+        bits, _ = DTYPES[dtype]
+        if elements * bits % 8:
+            raise WeightFormatError(f"tensor {name!r}: {elements} elements of {dtype} are not whole bytes")
+        if end - begin != elements * bits // 8:
+            raise WeightFormatError(f"tensor {name!r}: {end - begin} bytes for shape {list(shape)} of "
+                                    f"{dtype}, which needs {elements * bits // 8}")
+        if end > data_size:
+            raise WeightFormatError(f"tensor {name!r}: bytes {begin}..{end} lie past the end of the "
+                                    f"{data_size}-byte data section")
+        infos.append(_info(TensorInfo, name, dtype, shape, start + begin, end - begin))
+        expected = end
+    if expected != data_size:
+        raise WeightFormatError(f"the data section has {data_size} bytes but the tensors cover {expected}")
+    return metadata, infos
+
+
+def _entry(name, entry):
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise WeightFormatError(f"tensor {name!r}: needs exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise WeightFormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
+        raise WeightFormatError(f"tensor {name!r}: shape must be a list of non-negative integers")
+    if math.prod(shape) >= 2**63:
+        raise WeightFormatError(f"tensor {name!r}: shape {shape} overflows")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and 0 <= o < 2**63 for o in offsets) or offsets[0] > offsets[1]):
+        raise WeightFormatError(f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end")
+    return name, dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _info(TensorInfo, name, dtype, shape, offset, nbytes):
+    bits, _ = DTYPES[dtype]
+    np_dtype = numpy_dtype(dtype)
+    if np_dtype is not None:
+        view_shape = shape
+    elif bits in _RAW:  # numpy lacks it: the same bits as unsigned integers
+        np_dtype, view_shape = np.dtype(_RAW[bits]), shape
+    else:  # sub-byte: raw bytes
+        np_dtype, view_shape = np.dtype(np.uint8), (nbytes,)
+    return TensorInfo(name, dtype, shape, offset, nbytes, np_dtype, view_shape)
+
+
+def _file_dtype(array: np.ndarray) -> str:
+    name = array.dtype.name
+    for file_name, (_, np_name) in DTYPES.items():
+        if np_name == name:
+            return file_name
+    raise WeightFormatError(f"safetensors has no dtype for numpy {array.dtype}")
+
+
+def save_safetensors(path, tensors, metadata: dict | None = None) -> None:
+    """Write ``tensors`` (name -> array) to a safetensors file, one tensor at a time.
+
+    The whole file is never built in memory: the header is written, then each array's
+    bytes. Tensors are ordered by decreasing item size and the data section starts 64-byte
+    aligned, so every tensor is naturally aligned in the file. The file appears atomically
+    (written beside it, then renamed).
+    """
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str)
+                                        for k, v in metadata.items()):
+        raise WeightFormatError("metadata must map strings to strings")
+    arrays = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise WeightFormatError(f"tensor names must be strings other than __metadata__: {name!r}")
+        arrays[name] = np.asarray(value)
+    order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    for name in order:
+        a = arrays[name]
+        header[name] = {"dtype": _file_dtype(a), "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 64)
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            for name in order:
+                a = np.ascontiguousarray(arrays[name])  # copies one tensor at most
+                f.write(a.reshape(-1).view(np.uint8).data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

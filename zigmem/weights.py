@@ -1,0 +1,197 @@
+"""load_weights(): safetensors and GGUF files mapped into memory, tensors as zero-copy views."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._binding import ffi, lib, raise_failure
+from .errors import InvalidArgumentError, UseAfterFreeError, WeightFormatError
+
+_ADVICE = {None: 0, "sequential": 1, "random": 2, "willneed": 3}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lies in its file and what it holds."""
+
+    name: str
+    dtype: str                # as the file names it: "F16", "BF16", "Q4_1", ...
+    shape: tuple[int, ...]    # numpy axis order (GGUF dims reversed)
+    offset: int               # absolute byte offset in the file
+    nbytes: int
+    numpy_dtype: np.dtype     # of w[name]; raw bytes / unsigned words where numpy lacks one
+    view_shape: tuple[int, ...]  # of w[name]: shape, or rows of raw blocks when quantized
+
+
+class _MappedFile:
+    """Owns one mapping; numpy views hold it (through ``__array_interface__``), so the file
+    is unmapped only when the WeightFile is closed *and* the last view has died."""
+
+    __slots__ = ("__array_interface__", "_mapping", "__weakref__")
+
+    def __init__(self, mapping, readonly: bool) -> None:
+        self._mapping = mapping
+        self.__array_interface__ = {
+            "shape": (mapping.size,), "typestr": "|u1",
+            "data": (mapping.addr or 1, readonly), "version": 3,
+        }
+        # Not at exit: arrays may outlive their owners during interpreter shutdown.
+        weakref.finalize(self, lib.zm_unmap, mapping).atexit = False
+
+
+class WeightFile(Mapping):
+    """An open weight file: a read-only mapping from tensor names to zero-copy numpy views.
+
+    ``w[name]`` views the mapped file directly: loading costs no copy and no time per byte,
+    and processes that map the same file share one copy in the page cache. Views keep the
+    mapping alive: ``close()`` while views live defers the unmap until the last one dies;
+    using the WeightFile after ``close()`` raises ``UseAfterFreeError``.
+
+    Attributes:
+        path, format ("safetensors" | "gguf"), metadata (dict), nbytes (file size).
+    """
+
+    def __init__(self, path, format: str, metadata: dict, infos: list[TensorInfo],
+                 owner: _MappedFile, root: np.ndarray) -> None:
+        self.path, self.format, self.metadata = path, format, metadata
+        self._infos = {info.name: info for info in infos}
+        self._owner, self._root = owner, root
+        self.nbytes = root.size
+
+    # ------------------------------------------------------------ mapping protocol
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        info = self._info(name)
+        raw = self._live_root()[info.offset: info.offset + info.nbytes]
+        return raw.view(info.numpy_dtype).reshape(info.view_shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, name) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        """dtype, shape, file offset and size of ``name``."""
+        return self._info(name)
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+
+    def _live_root(self) -> np.ndarray:
+        if self._root is None:
+            raise UseAfterFreeError(f"{self.path} was closed")
+        return self._root
+
+    # ------------------------------------------------------------ dequantization
+
+    def dequantize(self, name: str, allocator=None) -> np.ndarray:
+        """``name`` as float32, in numpy axis order, in memory from ``allocator``.
+
+        Handles F32, F16, BF16, Q4_0, Q4_1 and Q8_0 with C kernels, bit-exact against
+        ``gguf.quants.dequantize``. The array frees into ``allocator`` when it dies.
+        """
+        from .page_allocator import page_allocator
+
+        info = self._info(name)
+        ggml = _GGML_OF.get(info.dtype)
+        if ggml is None:
+            raise InvalidArgumentError(f"cannot dequantize {name}: {info.dtype} is not supported "
+                                       "(F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)")
+        src = self._live_root()[info.offset: info.offset + info.nbytes]
+        with (allocator or page_allocator).numpy():
+            out = np.empty(info.shape, np.float32)
+        n = out.size
+        if n and lib.zm_dequantize(ggml, ffi.cast("void *", src.ctypes.data),
+                                   n, ffi.cast("float *", out.ctypes.data)):
+            raise WeightFormatError(f"{name}: cannot dequantize {n} elements of {info.dtype}")
+        return out
+
+    # ------------------------------------------------------------ residency and lifetime
+
+    def resident_bytes(self) -> int:
+        """How much of the file is in memory now (mincore), for memory reports."""
+        root = self._live_root()
+        if not root.size:
+            return 0
+        pages = (root.size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        ctypes.CDLL(None).mincore(ctypes.c_void_p(root.ctypes.data), ctypes.c_size_t(root.size), vec)
+        return sum(v & 1 for v in vec) * mmap.PAGESIZE
+
+    def close(self) -> None:
+        """Release the file. Views still alive keep the mapping until they die."""
+        self._root = self._owner = None
+
+    def __enter__(self) -> WeightFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._root is None else f"{len(self)} tensors"
+        return f"<WeightFile {self.format} {self.path} {state}>"
+
+
+_GGML_OF = {"F32": lib.ZM_GGML_F32, "F16": lib.ZM_GGML_F16, "BF16": lib.ZM_GGML_BF16,
+            "Q4_0": lib.ZM_GGML_Q4_0, "Q4_1": lib.ZM_GGML_Q4_1, "Q8_0": lib.ZM_GGML_Q8_0}
+
+
+def load_weights(path, *, format: str | None = None, advice: str | None = None,
+                 populate: bool = False, lock: bool = False, writable: bool = False) -> WeightFile:
+    """Map a safetensors or GGUF file and index its tensors, without copying them.
+
+    Args:
+        path: The file.
+        format: "safetensors" or "gguf"; by default detected from the file's first bytes.
+        advice: madvise hint: "sequential", "random" or "willneed".
+        populate: Read the whole file in now (MAP_POPULATE).
+        lock: Page-lock the mapping; OutOfMemoryError names RLIMIT_MEMLOCK when refused.
+        writable: Map copy-on-write: views can be written, the file never is.
+
+    Raises:
+        WeightFormatError: the file is malformed, truncated or hostile (naming what).
+        FileNotFoundError / OSError: it cannot be opened.
+    """
+    from . import gguf_file, safetensors_file
+
+    path = os.fspath(path)
+    if advice not in _ADVICE:
+        raise InvalidArgumentError(f"advice must be one of {sorted(a for a in _ADVICE if a)}, not {advice!r}")
+    if format not in (None, "safetensors", "gguf"):
+        raise InvalidArgumentError(f"format must be 'safetensors' or 'gguf', not {format!r}")
+    flags = ((lib.ZM_MAP_WRITABLE if writable else 0) | (lib.ZM_MAP_POPULATE if populate else 0)
+             | (lib.ZM_MAP_LOCK if lock else 0))
+    mapping = ffi.new("zm_mapping_t *")
+    if lib.zm_map_file(path.encode(), flags, _ADVICE[advice], mapping):
+        report = lib.zm_last_report()
+        if report.code == lib.ZM_ERR_INVALID_ARG:
+            err = report.sys_errno
+            raise (FileNotFoundError if err == 2 else OSError)(err, os.strerror(err), path)
+        raise_failure(f"load_weights({path!r})")
+    owner = _MappedFile(mapping, readonly=not writable)
+    root = np.asarray(owner)
+    if not mapping.size:
+        root = root[:0]
+    if format is None:
+        format = "gguf" if bytes(root[:4]) == b"GGUF" else "safetensors"
+    try:
+        parse = gguf_file.parse if format == "gguf" else safetensors_file.parse
+        metadata, infos = parse(root)
+    except WeightFormatError as e:
+        raise WeightFormatError(f"{path}: {e}") from None
+    return WeightFile(path, format, metadata, infos, owner, root)
