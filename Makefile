@@ -20,7 +20,7 @@ $(VENV)/.tools: pyproject.toml
 
 # The build requirements live in the venv, so reinstalling after a C change takes seconds.
 install: $(VENV)/.tools
-	$(PIP) install --no-build-isolation ".[test,bench]"
+	$(PIP) install --no-build-isolation -e ".[test,bench]"
 
 ## make test: install with the test extras and run every test (C core under sanitizers too)
 test: install sanitize
