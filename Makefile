@@ -37,6 +37,7 @@ bench: install
 	./bench/out/bench_core
 	$(PY) bench/bench_python.py
 	$(PY) bench/bench_kv_cache.py
+	$(PY) bench/bench_weights.py
 
 ## make sanitize: the C tests under AddressSanitizer + UBSan
 CTESTS := $(wildcard csrc/tests/test_*.c)
