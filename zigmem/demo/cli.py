@@ -1,0 +1,89 @@
+"""``python -m zigmem.demo``: chat with a llama GGUF model, then show where the memory was."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import zigmem as zm
+from zigmem._format import format_bytes
+
+from . import load_model
+
+DEFAULT_PROMPT = "What is the capital of France? Tell me a little about the city."
+
+
+def _progress(done: int, total: int) -> None:
+    bar = "#" * (20 * done // total)
+    print(f"\rloading weights [{bar:<20}] {done}/{total} layers", end="", file=sys.stderr,
+          flush=True)
+    if done == total:
+        print(file=sys.stderr)
+
+
+def report(model, run: dict) -> str:
+    m = model.memory()
+    rows = [
+        ("weights (mapped file)", f"{format_bytes(m['weights_mapped'])} mapped, "
+                                  f"{format_bytes(m['weights_resident'])} resident (shared page cache)"),
+        ("dequantized weights", format_bytes(m["dequantized_weights"])),
+        ("KV cache", f"{format_bytes(m['kv_cache_held'])} held, {format_bytes(m['kv_cache_used'])} used "
+                     f"({model.cache.seq_len} of {model.cache.capacity} positions)"),
+        ("activations (arenas)", f"high-water {format_bytes(m['arena_high_water'])}, "
+                                f"capacity {format_bytes(m['arena_capacity'])}"),
+        ("session (safety allocator)", f"{format_bytes(m['session_live_bytes'])} live, "
+                                       f"{m['session_leaks']} leaks"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = ["memory, per subsystem:"] + [f"  {name:<{width}}  {value}" for name, value in rows]
+    lines += ["", "speed:",
+              f"  load                 {model.load_seconds * 1e3:8.1f} ms (path to first token: mapped, "
+              "dequantized, cache reserved)",
+              f"  prompt               {run['prompt_tokens_per_second']:8.1f} tokens/s "
+              f"({run['prompt_tokens']} tokens)",
+              f"  generation           {run['generated_tokens_per_second']:8.1f} tokens/s "
+              f"({run['generated_tokens']} tokens)"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zigmem.demo", description=__doc__)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--context", type=int, default=2048, help="KV cache positions to reserve")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--model", default=None, help="a llama GGUF file (default: SmolLM2-135M)")
+    parser.add_argument("--no-arena", action="store_true",
+                        help="plain numpy allocations for activations (for comparison)")
+    parser.add_argument("--report-json", default=None, help="write the figures to this file")
+    args = parser.parse_args(argv)
+
+    try:
+        model = load_model(args.model, context=args.context, arena=not args.no_arena,
+                           progress=_progress)
+    except (FileNotFoundError, zm.WeightFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"> {args.prompt}\n", flush=True)
+    model.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                   top_k=args.top_k, stream=lambda text: print(text, end="", flush=True))
+    run = model.last_run
+    print("\n")
+    print(report(model, run))
+    print()
+    print(zm.memory_report())
+    figures = {"load_seconds": model.load_seconds, **run, **model.memory()}
+    verdict = model.close()
+    figures["session_deinit"] = verdict
+    print(f"\nsession allocator deinit: {verdict!r}")
+    if args.report_json:
+        with open(args.report_json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0 if verdict == "ok" else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
