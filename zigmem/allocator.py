@@ -129,34 +129,33 @@ class Allocator:
         Returns the resized Buffer (``buf`` is consumed), or None when the allocator cannot
         do it without a copy (``buf`` unchanged): then ``realloc`` copies.
         """
-        self._check_release(buf, "remap")
-        new_nbytes = check_size(new_nbytes, "new_nbytes")
-        gen, buf._gen = buf._gen, _FREED  # claimed, as in free()
-        address = lib.zm_py_remap(self._c, buf._address, buf._nbytes, buf._alignment,
-                                  new_nbytes, self._serialize)
-        if not address:
-            buf._gen = gen
-            return None
-        if self._live is not None:
-            self._untrack(buf)
-        new = new_buffer(self, address, new_nbytes, buf._alignment)
-        if self._live is not None:
-            self._track(new)
-        return new
+        address = self._move(buf, new_nbytes, lib.zm_py_remap, "remap")
+        return None if address is None else self._successor(buf, address, new_nbytes)
 
     def realloc(self, buf: Buffer, new_nbytes: int) -> Buffer:
         """Resize ``buf``, moving it if needed (contents kept up to the smaller size).
 
         Returns a new Buffer; ``buf`` is consumed. On OutOfMemoryError ``buf`` is untouched.
         """
-        self._check_release(buf, "realloc")
+        address = self._move(buf, new_nbytes, lib.zm_py_realloc, "realloc")
+        if address is None:
+            raise_failure(f"{type(self).__name__}.realloc({buf._nbytes} -> {new_nbytes})")
+        return self._successor(buf, address, new_nbytes)
+
+    def _move(self, buf: Buffer, new_nbytes: int, c_call, action: str) -> int | None:
+        """Call remap / realloc in C with ``buf`` claimed; None (``buf`` intact) on failure."""
+        self._check_release(buf, action)
         new_nbytes = check_size(new_nbytes, "new_nbytes")
         gen, buf._gen = buf._gen, _FREED  # claimed, as in free()
-        address = lib.zm_py_realloc(self._c, buf._address, buf._nbytes, buf._alignment,
-                                    new_nbytes, self._serialize)
+        address = c_call(self._c, buf._address, buf._nbytes, buf._alignment, new_nbytes,
+                         self._serialize)
         if not address:
             buf._gen = gen
-            raise_failure(f"{type(self).__name__}.realloc({buf._nbytes} -> {new_nbytes})")
+            return None
+        return address
+
+    def _successor(self, buf: Buffer, address: int, new_nbytes: int) -> Buffer:
+        """The Buffer that replaces ``buf`` (already consumed) after a remap / realloc."""
         if self._live is not None:
             self._untrack(buf)
         new = new_buffer(self, address, new_nbytes, buf._alignment)
