@@ -179,12 +179,7 @@ class Allocator:
             )
         if self.releases_memory:
             self._check_no_views("deinit", DanglingViewError)
-        self._release()
-        self._closed = True
-        if self.releases_memory:
-            self._generation += 1
-        for child in self._children:
-            child._users.remove(type(self).__name__)
+        self._close()
 
     def numpy(self):
         """Serve numpy's own data allocations from this allocator inside a ``with`` block.
@@ -216,10 +211,18 @@ class Allocator:
         # Unreachable means no Buffer and no view refers to our memory any more.
         try:
             if not self._closed and not self._users:
-                self._release()
-                self._closed = True
+                self._close()
         except Exception:  # interpreter shutdown: modules may be half torn down
             pass
+
+    def _close(self) -> None:
+        """Release the C state and let go of the children (deinit, or collection)."""
+        self._release()
+        self._closed = True
+        if self.releases_memory:
+            self._generation += 1
+        for child in self._children:
+            child._users.remove(type(self).__name__)
 
     # ------------------------------------------------------------ hooks for subclasses
 
