@@ -35,25 +35,20 @@ void *zm_realloc(zm_allocator_t a, void *ptr, size_t len, size_t align, size_t n
 
 /* ---------------------------------------------------------------- Python entry points */
 
-/* A spin lock, not a mutex: what it guards is a few nanoseconds of C (a bump, a free-list
- * pop), taken twice for every numpy buffer served by a bridge. A waiter yields after a
- * short spin, so a holder in a slow path (an mmap) does not starve it. */
-static int zm_py_locked;
-
-static ZM_NOINLINE void zm_py_lock_slow(void) {
+ZM_NOINLINE void zm_spin_wait(int *lock) {
     for (unsigned n = 0;; n++) {
-        if (!__atomic_load_n(&zm_py_locked, __ATOMIC_RELAXED) &&
-            !__atomic_exchange_n(&zm_py_locked, 1, __ATOMIC_ACQUIRE))
+        if (!__atomic_load_n(lock, __ATOMIC_RELAXED) && !__atomic_exchange_n(lock, 1, __ATOMIC_ACQUIRE))
             return;
         if (n > 100) sched_yield();
     }
 }
 
-void zm_py_lock(void) {
-    if (__atomic_exchange_n(&zm_py_locked, 1, __ATOMIC_ACQUIRE)) zm_py_lock_slow();
-}
+/* A spin lock, not a mutex: what it guards is a few nanoseconds of C, taken twice for
+ * every numpy buffer served by a bridge. */
+static int zm_py_locked;
 
-void zm_py_unlock(void) { __atomic_store_n(&zm_py_locked, 0, __ATOMIC_RELEASE); }
+void zm_py_lock(void) { zm_spin_lock(&zm_py_locked); }
+void zm_py_unlock(void) { zm_spin_unlock(&zm_py_locked); }
 
 #define ZM_SERIALIZED(serialize, stmt)            \
     do {                                          \

@@ -23,7 +23,6 @@
  * checked call. After reporting, the damage is repaired (red zones rewritten, the block
  * released), so the allocator keeps working. */
 #define _GNU_SOURCE
-#include <sched.h>
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
@@ -185,20 +184,12 @@ void zm_gpa_set_thread_site(uint64_t site) { thread_site = site; }
 
 /* ---------------------------------------------------------------- locking */
 
-static ZM_NOINLINE void spin_wait(int *l) {
-    for (unsigned n = 0;; n++) {
-        if (!__atomic_load_n(l, __ATOMIC_RELAXED) && !__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
-            return;
-        if (n > 100) sched_yield();
-    }
-}
-
 static inline void gpa_lock(zm_gpa_t *g) {
-    if (g->cfg.thread_safe && __atomic_exchange_n(&g->lock, 1, __ATOMIC_ACQUIRE)) spin_wait(&g->lock);
+    if (g->cfg.thread_safe) zm_spin_lock(&g->lock);
 }
 
 static inline void gpa_unlock(zm_gpa_t *g) {
-    if (g->cfg.thread_safe) __atomic_store_n(&g->lock, 0, __ATOMIC_RELEASE);
+    if (g->cfg.thread_safe) zm_spin_unlock(&g->lock);
 }
 
 /* Python calls into an allocator that is not thread-safe still must not race: they take
@@ -301,10 +292,12 @@ static inline bool within_limit(const zm_gpa_t *g, size_t more) {
     return more <= g->cfg.memory_limit - g->live_bytes; /* live_bytes <= limit always */
 }
 
-static inline void count_alloc(zm_gpa_t *g, size_t len) {
-    g->live_bytes += len;
+static inline void count_resize(zm_gpa_t *g, size_t len, size_t new_len) {
+    g->live_bytes = g->live_bytes - len + new_len;
     if (g->live_bytes > g->peak_bytes) g->peak_bytes = g->live_bytes;
 }
+
+static inline void count_alloc(zm_gpa_t *g, size_t len) { count_resize(g, 0, len); }
 
 /* ---------------------------------------------------------------- block table */
 
@@ -596,8 +589,7 @@ static int resize_locked(zm_gpa_t *g, void *ptr, size_t len, size_t align, size_
     if (new_len > len && !within_limit(g, new_len - len)) return 0;
     if (!g->cfg.safety) {
         if (!raw_resize(g, ptr, len, align, new_len)) return 0;
-        g->live_bytes = g->live_bytes - len + new_len;
-        if (g->live_bytes > g->peak_bytes) g->peak_bytes = g->live_bytes;
+        count_resize(g, len, new_len);
         return 1;
     }
     gpa_block_t *b = find_for_free(g, (uintptr_t)ptr, len, align, r);
@@ -620,8 +612,7 @@ static int resize_locked(zm_gpa_t *g, void *ptr, size_t len, size_t align, size_
         b->raw_len = need;
     }
     b->len = new_len;
-    g->live_bytes = g->live_bytes - len + new_len;
-    if (g->live_bytes > g->peak_bytes) g->peak_bytes = g->live_bytes;
+    count_resize(g, len, new_len);
     fill_red_zones(g, b);
     return 1;
 }

@@ -20,6 +20,16 @@ static inline uintptr_t zm_align_addr(uintptr_t addr, size_t align) {
     return (addr + (align - 1)) & ~(uintptr_t)(align - 1);
 }
 
+/* A spin lock for critical sections of a few nanoseconds (a bump, a list link). A waiter
+ * yields after a short spin, so a holder in a slow path (an mmap) does not starve it. */
+void zm_spin_wait(int *lock);
+
+static inline void zm_spin_lock(int *lock) {
+    if (__atomic_exchange_n(lock, 1, __ATOMIC_ACQUIRE)) zm_spin_wait(lock);
+}
+
+static inline void zm_spin_unlock(int *lock) { __atomic_store_n(lock, 0, __ATOMIC_RELEASE); }
+
 /* Raw vtable calls for wrappers, whose arguments the zm_* helpers already checked. */
 static inline void *zm_child_alloc(zm_allocator_t c, size_t len, size_t align) {
     return c.vtable->alloc(c.ctx, len, align);

@@ -227,6 +227,7 @@ def test_memory_limit():
     assert a.is_live
     gpa.free(a)
     gpa.free(gpa.alloc(1 << 20))  # the limit counts live bytes only
+    assert gpa.stats.live_bytes == 0 and gpa.stats.peak_bytes == 1 << 20
     assert gpa.deinit() == "ok"
 
 
@@ -272,9 +273,10 @@ def test_safety_off_is_a_plain_fast_allocator():
     gpa = zm.GeneralPurposeAllocator(safety=False)
     bufs = [gpa.alloc(n) for n in (16, 100, 4096, 100_000)]
     assert gpa.leaks() == []
+    assert gpa.resize(bufs[0], 24)  # same size class: in place
     for b in bufs:
         gpa.free(b)
-    assert gpa.stats.live_bytes == 0
+    assert gpa.stats.live_bytes == 0 and gpa.stats.peak_bytes == 24 + 100 + 4096 + 100_000
     assert gpa.deinit() == "ok"
 
 

@@ -17,6 +17,7 @@
 #include <numpy/arrayobject.h>
 #include <string.h>
 
+#include "internal.h"
 #include "numpy_bridge.h"
 
 struct zm_np_block {
@@ -49,14 +50,12 @@ static void state_lock(zm_np_state_t *s) {
         zm_py_lock();
         return;
     }
-    while (__atomic_exchange_n(&s->lock, 1, __ATOMIC_ACQUIRE))
-        while (__atomic_load_n(&s->lock, __ATOMIC_RELAXED)) {
-        }
+    zm_spin_lock(&s->lock);
 }
 
 static void state_unlock(zm_np_state_t *s) {
     if (s->serialize) zm_py_unlock();
-    else __atomic_store_n(&s->lock, 0, __ATOMIC_RELEASE);
+    else zm_spin_unlock(&s->lock);
 }
 
 /* Both with the state locked. */
