@@ -9,7 +9,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 
 
 def main() -> None:

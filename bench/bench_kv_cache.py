@@ -59,20 +59,10 @@ def decode_concatenate():
 
 def resident_growth() -> list[tuple[int, int]]:
     """(tokens written, resident bytes of the slabs), for a preallocated cache."""
-    import ctypes
-    import mmap
-
     cache = zm.KVCache(zm.page_allocator, LAYERS, HEADS, DIM, max_seq_len=TOKENS, dtype="float32")
-    libc = ctypes.CDLL(None)
 
     def resident():
-        total = 0
-        for buf in cache._slabs:
-            n = (buf.nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            vec = (ctypes.c_ubyte * n)()
-            libc.mincore(ctypes.c_void_p(buf.address), ctypes.c_size_t(buf.nbytes), vec)
-            total += sum(v & 1 for v in vec) * mmap.PAGESIZE
-        return total
+        return sum(zm.testing.resident_bytes(buf.address, buf.nbytes) for buf in cache._slabs)
 
     points = [(0, resident())]
     for pos in range(TOKENS):

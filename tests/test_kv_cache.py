@@ -1,6 +1,5 @@
 """KVCache: round trips against numpy, growth without copies, views, rollback, bad input."""
 
-import ctypes
 import mmap
 
 import numpy as np
@@ -20,10 +19,7 @@ def step(rng, n_new, batch=1):
 
 
 def resident_pages(buf):
-    n = (buf.nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    vec = (ctypes.c_ubyte * n)()
-    assert ctypes.CDLL(None).mincore(ctypes.c_void_p(buf.address), ctypes.c_size_t(buf.nbytes), vec) == 0
-    return sum(v & 1 for v in vec)
+    return zm.testing.resident_bytes(buf.address, buf.nbytes) // mmap.PAGESIZE
 
 
 @pytest.mark.parametrize("growth", ["preallocate", "double"])

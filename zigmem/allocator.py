@@ -143,7 +143,8 @@ class Allocator:
         return self._successor(buf, address, new_nbytes)
 
     def _move(self, buf: Buffer, new_nbytes: int, c_call, action: str) -> int | None:
-        """Call remap / realloc in C with ``buf`` claimed; None (``buf`` intact) on failure."""
+        """Call remap / realloc in C with ``buf`` claimed; None (``buf`` intact) on failure.
+        ``c_call(c_allocator, address, nbytes, alignment, new_nbytes, serialize)``."""
         self._check_release(buf, action)
         new_nbytes = check_size(new_nbytes, "new_nbytes")
         gen, buf._gen = buf._gen, _FREED  # claimed, as in free()
@@ -280,14 +281,13 @@ class Allocator:
                 f"it belongs to {buf._allocator._describe()}"
             )
         self._check_usable(buf, action, releasing)
-        if buf._owner is not None:
-            if buf._owner() is not None:
-                raise DanglingViewError(
-                    f"cannot {action} buffer {format_address(buf.address)} "
-                    f"({format_bytes(buf.nbytes)}): numpy views of it are still alive; "
-                    "drop them (del the arrays) first"
-                )
-            buf._owner = None
+        if buf.has_views():
+            raise DanglingViewError(
+                f"cannot {action} buffer {format_address(buf.address)} "
+                f"({format_bytes(buf.nbytes)}): numpy views of it are still alive; "
+                "drop them (del the arrays) first"
+            )
+        buf._owner = None  # dead, if it was set: the hot paths test for None
 
     def _check_no_views(self, action: str, error: type[DanglingViewError]) -> None:
         """Refuse ``action`` while numpy can still reach this allocator's memory: views of

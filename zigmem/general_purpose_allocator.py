@@ -145,17 +145,16 @@ class GeneralPurposeAllocator(Allocator):
         return new
 
     def realloc(self, buf: Buffer, new_nbytes: int) -> Buffer:
-        self._check_release(buf, "realloc")
-        new_nbytes = check_size(new_nbytes, "new_nbytes")
         site = _here(self._site_frames) if self._site_frames else 0
-        gen, buf._gen = buf._gen, _FREED
-        address = lib.zm_gpa_py_realloc(self._g, buf._address, buf._nbytes, buf._alignment,
-                                        new_nbytes, site)
-        if not address:
-            buf._gen = gen
+
+        def gpa_realloc(_c, address, nbytes, alignment, new, _serialize):
+            return lib.zm_gpa_py_realloc(self._g, address, nbytes, alignment, new, site)
+
+        address = self._move(buf, new_nbytes, gpa_realloc, "realloc")
+        if address is None:
             raise_failure(f"GeneralPurposeAllocator.realloc({buf._nbytes} -> {new_nbytes})", site)
         buf._sites = (buf._sites[0], site)
-        new = new_buffer(self, address, new_nbytes, buf._alignment)
+        new = self._successor(buf, address, new_nbytes)
         new._sites = (site, 0)
         return new
 

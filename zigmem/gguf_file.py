@@ -62,7 +62,7 @@ class StringArray(Sequence):
         return f"<StringArray of {self._count} strings>"
 
 
-def _decode(buf: memoryview, root: np.ndarray, kv) -> object:
+def _decode(buf: memoryview, kv) -> object:
     t = kv.type
     if t in _SCALARS:
         return struct.unpack_from(_SCALARS[t][0], buf, kv.value)[0]
@@ -114,7 +114,7 @@ def parse(root: np.ndarray):
     buf = memoryview(root)
     metadata = {"GGUF.version": info.version}
     for kv in kvs[0:info.n_kv]:
-        metadata[str(buf[kv.key: kv.key + kv.key_len], "utf-8")] = _decode(buf, root, kv)
+        metadata[str(buf[kv.key: kv.key + kv.key_len], "utf-8")] = _decode(buf, kv)
     infos = [_tensor_info(TensorInfo, buf, t) for t in tensors[0:info.n_tensors]]
     return metadata, infos
 

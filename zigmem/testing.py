@@ -10,7 +10,9 @@ from .errors import OutOfMemoryError
 from .failing_allocator import FailingAllocator
 from .page_allocator import page_allocator
 
-__all__ = ["AllocationFailureCheckError", "check_all_allocation_failures"]
+from ._residency import resident_bytes
+
+__all__ = ["AllocationFailureCheckError", "check_all_allocation_failures", "resident_bytes"]
 
 
 class AllocationFailureCheckError(AssertionError):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import weakref
 from collections.abc import Iterator, Mapping
@@ -12,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._binding import ffi, lib, raise_failure
+from ._residency import resident_bytes
 from .errors import InvalidArgumentError, UseAfterFreeError, WeightFormatError
 
 _ADVICE = {None: 0, "sequential": 1, "random": 2, "willneed": 3}
@@ -125,12 +124,7 @@ class WeightFile(Mapping):
     def resident_bytes(self) -> int:
         """How much of the file is in memory now (mincore), for memory reports."""
         root = self._live_root()
-        if not root.size:
-            return 0
-        pages = (root.size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        vec = (ctypes.c_ubyte * pages)()
-        ctypes.CDLL(None).mincore(ctypes.c_void_p(root.ctypes.data), ctypes.c_size_t(root.size), vec)
-        return sum(v & 1 for v in vec) * mmap.PAGESIZE
+        return resident_bytes(root.ctypes.data, root.size)
 
     def close(self) -> None:
         """Release the file. Views still alive keep the mapping until they die."""

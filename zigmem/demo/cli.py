@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import zigmem as zm
 from zigmem._format import format_bytes
