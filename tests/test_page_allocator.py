@@ -1,14 +1,12 @@
 """PageAllocator: options, large alignments, growth through mremap, mlock limits."""
 
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 import zigmem as zm
+from helpers import has_capsh, run_under_memlock_limit
 
 
 def resident_pages(view):
@@ -64,7 +62,7 @@ def test_lock_allocates_resident_memory():
     p.free(buf)
 
 
-@pytest.mark.skipif(shutil.which("capsh") is None, reason="needs capsh to drop CAP_IPC_LOCK")
+@pytest.mark.skipif(not has_capsh(), reason="needs capsh to drop CAP_IPC_LOCK")
 def test_lock_beyond_memlock_limit_names_the_limit():
     script = textwrap.dedent("""
         import zigmem as zm
@@ -76,10 +74,6 @@ def test_lock_beyond_memlock_limit_names_the_limit():
         p.free(p.alloc(4096))  # still usable
         print("usable")
     """)
-    out = subprocess.run(
-        ["capsh", "--drop=cap_ipc_lock", "--", "-c",
-         f"ulimit -l 64 && exec {sys.executable} -c '{script}'"],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    out = run_under_memlock_limit(script)
     assert "RLIMIT_MEMLOCK is 64.0 KiB" in out and "mlock of 1.0 MiB refused" in out
     assert "usable" in out

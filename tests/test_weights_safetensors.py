@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zigmem as zm
+from helpers import has_capsh, run_under_memlock_limit
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -173,6 +174,21 @@ def test_every_truncation_is_a_clear_error_and_other_files_are_unaffected(refere
             zm.load_weights(path)
     assert good["f32"].sum() == sum(range(24))
     good.close()
+
+
+@pytest.mark.skipif(not has_capsh(), reason="needs capsh to drop CAP_IPC_LOCK")
+def test_lock_beyond_memlock_limit_names_the_limit(tmp_path):
+    path = tmp_path / "big.safetensors"
+    zm.save_safetensors(path, {"w": np.zeros(1 << 18, np.float32)})  # 1 MiB
+    out = run_under_memlock_limit(
+        "import zigmem as zm\n"
+        "try:\n"
+        f"    zm.load_weights({str(path)!r}, lock=True)\n"
+        "except zm.OutOfMemoryError as e:\n"
+        "    print(e)\n"
+        f"print(zm.load_weights({str(path)!r})['w'].sum())\n")  # unlocked, still fine
+    assert "RLIMIT_MEMLOCK is 64.0 KiB" in out and "mlock of 1.0 MiB" in out
+    assert out.strip().endswith("0.0")
 
 
 def test_missing_file_is_file_not_found(tmp_path):
