@@ -3,8 +3,8 @@
 A 4-layer, single-head attention model with random weights decodes 256 tokens:
 
 * weights live for the whole run, in page-allocator memory (huge pages where available);
-* the KV cache lives for the conversation and grows by doubling with ``realloc``, which
-  moves page table entries (mremap) instead of copying the cache;
+* the KV cache lives for the conversation: a ``zm.KVCache`` that grows by doubling, which
+  on the page allocator moves page table entries (mremap) instead of copying the cache;
 * activations live for one token: every temporary comes from an arena that is reset with
   ``retain_capacity`` after each token, so later tokens touch no new pages.
 
@@ -28,28 +28,6 @@ def view(buf: zm.Buffer, shape, dtype=np.float32) -> np.ndarray:
     return np.asarray(buf).view(dtype).reshape(shape)
 
 
-class KVLayer:
-    """One layer's keys and values: a Buffer each, doubled when full."""
-
-    def __init__(self, allocator: zm.Allocator, capacity: int = 16) -> None:
-        self.allocator, self.capacity, self.length = allocator, capacity, 0
-        self.k = allocator.alloc(capacity * DIM * 4)
-        self.v = allocator.alloc(capacity * DIM * 4)
-
-    def append(self, k: np.ndarray, v: np.ndarray) -> None:
-        if self.length == self.capacity:
-            self.capacity *= 2
-            self.k = self.allocator.realloc(self.k, self.capacity * DIM * 4)
-            self.v = self.allocator.realloc(self.v, self.capacity * DIM * 4)
-        view(self.k, (self.capacity, DIM))[self.length] = k
-        view(self.v, (self.capacity, DIM))[self.length] = v
-        self.length += 1
-
-    def free(self) -> None:
-        self.allocator.free(self.k)
-        self.allocator.free(self.v)
-
-
 def main() -> None:
     weights_mem = zm.CountingAllocator(zm.PageAllocator(huge_pages=True), name="weights")
     kv_mem = zm.CountingAllocator(zm.page_allocator, name="kv_cache")
@@ -63,7 +41,8 @@ def main() -> None:
     embed = weights_mem.alloc(DIM * 4)
     view(embed, (DIM,))[:] = rng.standard_normal(DIM, np.float32)
 
-    cache = [KVLayer(kv_mem) for _ in range(LAYERS)]
+    cache = zm.KVCache(kv_mem, LAYERS, n_kv_heads=1, head_dim=DIM, max_seq_len=TOKENS,
+                       dtype="float32", growth="double")
     x_init = view(embed, (DIM,))
     checksum = 0.0
     t0 = time.perf_counter()
@@ -74,10 +53,9 @@ def main() -> None:
             w = view(buf, (4, DIM, DIM))
             qkv = view(arena.alloc(3 * DIM * 4), (3, DIM))
             np.matmul(w[:3], x, out=qkv)
-            cache[layer].append(qkv[1], qkv[2])
-            n = cache[layer].length
-            keys = view(cache[layer].k, (cache[layer].capacity, DIM))[:n]
-            values = view(cache[layer].v, (cache[layer].capacity, DIM))[:n]
+            cache.append(layer, qkv[1].reshape(1, 1, DIM), qkv[2].reshape(1, 1, DIM))
+            keys, values = cache.keys(layer)[:, 0], cache.values(layer)[:, 0]
+            n = keys.shape[0]
             scores = view(arena.alloc(n * 4), (n,))
             np.matmul(keys, qkv[0], out=scores)
             scores -= scores.max()
@@ -98,12 +76,12 @@ def main() -> None:
 
     print(f"decoded {TOKENS} tokens through {LAYERS} layers in {elapsed * 1e3:.1f} ms "
           f"({TOKENS / elapsed:.0f} tokens/s), checksum {checksum:.4f}")
-    print(f"KV cache grew by doubling to {cache[0].capacity} positions per layer; "
+    print(f"KV cache grew by doubling to {cache.capacity} positions per layer, "
+          f"copying {cache.bytes_copied} bytes; "
           f"arena capacity after the last reset: {arena.capacity / 1024:.1f} KiB\n")
     print(zm.memory_report())
 
-    for layer in cache:
-        layer.free()
+    cache.deinit()
     for buf in weight_bufs + [embed]:
         weights_mem.free(buf)
     arena.deinit()
