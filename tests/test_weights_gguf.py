@@ -86,7 +86,7 @@ def test_metadata_matches_gguf_reader(reference):
             got = md[field.name]
             if isinstance(got, np.ndarray):
                 got = got.tolist()
-            elif isinstance(got, zm.gguf_file.StringArray):
+            elif isinstance(got, zm.weights.gguf.StringArray):
                 got = list(got)
             if isinstance(expected, float):
                 assert got == pytest.approx(expected)
@@ -227,6 +227,6 @@ def test_fuzz_mutated_files_never_crash(reference, tmp_path, data):
             for name in w:
                 w[name].tobytes()
             for value in w.metadata.values():
-                list(value) if isinstance(value, zm.gguf_file.StringArray) else value
+                list(value) if isinstance(value, zm.weights.gguf.StringArray) else value
     except zm.WeightFormatError:
         pass

@@ -1,7 +1,7 @@
 """zigmem: Zig's explicit allocators for Python LLM inference.
 
 One allocator per lifetime: weights for the whole process, the KV cache for a conversation,
-activations for one token. See README.md for the tour and DESIGN.md for the contract.
+activations for one token. See README.md for the tour and its Design section for the contract.
 """
 
 from . import testing
@@ -31,8 +31,7 @@ from .page_allocator import PageAllocator, page_allocator
 from .report import memory_report
 from .scope import Scope
 from .tensor import Tensor
-from .weights import TensorInfo, WeightFile, load_weights
-from .safetensors_file import save_safetensors
+from .weights import TensorInfo, WeightFile, load_weights, save_safetensors
 
 __version__ = "0.1.0"
 

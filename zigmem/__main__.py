@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     inspect = commands.add_parser("inspect", help="print a safetensors / GGUF file's metadata and tensors")
     inspect.add_argument("file")
     args = parser.parse_args(argv)
-    from .inspect import render
+    from .weights.inspect_command import render
 
     try:
         print(render(args.file))

@@ -1,4 +1,5 @@
-"""The element types a Tensor can hold, by the names users write."""
+"""Element types by the names users and files write; the one place that finds numpy's
+missing ones (bfloat16, float8) in ml_dtypes."""
 
 from __future__ import annotations
 
@@ -26,6 +27,20 @@ def resolve(dtype) -> np.dtype:
         return resolved
 
 
+def numpy_dtype_named(name: str) -> np.dtype | None:
+    """numpy's dtype called ``name``, or ml_dtypes' (bfloat16, float8_*) when numpy has none
+    and ml_dtypes is installed; None otherwise."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        found = getattr(ml_dtypes, name, None)
+        return None if found is None else np.dtype(found)
+
+
 def _resolve(dtype) -> np.dtype:
     """A numpy dtype for a name ("float32"), numpy type or dtype; bfloat16 through ml_dtypes.
 
@@ -34,13 +49,12 @@ def _resolve(dtype) -> np.dtype:
     """
     name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", str(dtype))
     if name == "bfloat16":
-        try:
-            import ml_dtypes
-        except ImportError:
+        found = numpy_dtype_named(name)
+        if found is None:
             raise InvalidArgumentError(
                 "bfloat16 needs the ml_dtypes package (pip install ml_dtypes)"
-            ) from None
-        return np.dtype(ml_dtypes.bfloat16)
+            )
+        return found
     if name not in _NAMES:
         raise InvalidArgumentError(f"unsupported dtype {dtype!r}; use one of {', '.join(_NAMES)}")
     return np.dtype(name)

@@ -5,28 +5,16 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
-from ._binding import ffi, lib, raise_failure
-from ._residency import resident_bytes
-from .errors import InvalidArgumentError, UseAfterFreeError, WeightFormatError
+from .._binding import ffi, lib, raise_failure
+from .._residency import resident_bytes
+from ..errors import InvalidArgumentError, UseAfterFreeError, WeightFormatError
+from . import gguf, safetensors
+from .info import TensorInfo
 
 _ADVICE = {None: 0, "sequential": 1, "random": 2, "willneed": 3}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a tensor lies in its file and what it holds."""
-
-    name: str
-    dtype: str                # as the file names it: "F16", "BF16", "Q4_1", ...
-    shape: tuple[int, ...]    # numpy axis order (GGUF dims reversed)
-    offset: int               # absolute byte offset in the file
-    nbytes: int
-    numpy_dtype: np.dtype     # of w[name]; raw bytes / unsigned words where numpy lacks one
-    view_shape: tuple[int, ...]  # of w[name]: shape, or rows of raw blocks when quantized
 
 
 class _MappedFile:
@@ -103,7 +91,7 @@ class WeightFile(Mapping):
         Handles F32, F16, BF16, Q4_0, Q4_1 and Q8_0 with C kernels, bit-exact against
         ``gguf.quants.dequantize``. The array frees into ``allocator`` when it dies.
         """
-        from .page_allocator import page_allocator
+        from ..page_allocator import page_allocator
 
         info = self._info(name)
         ggml = _GGML_OF.get(info.dtype)
@@ -161,8 +149,6 @@ def load_weights(path, *, format: str | None = None, advice: str | None = None,
         WeightFormatError: the file is malformed, truncated or hostile (naming what).
         FileNotFoundError / OSError: it cannot be opened.
     """
-    from . import gguf_file, safetensors_file
-
     path = os.fspath(path)
     if advice not in _ADVICE:
         raise InvalidArgumentError(f"advice must be one of {sorted(a for a in _ADVICE if a)}, not {advice!r}")
@@ -184,7 +170,7 @@ def load_weights(path, *, format: str | None = None, advice: str | None = None,
     if format is None:
         format = "gguf" if bytes(root[:4]) == b"GGUF" else "safetensors"
     try:
-        parse = gguf_file.parse if format == "gguf" else safetensors_file.parse
+        parse = gguf.parse if format == "gguf" else safetensors.parse
         metadata, infos = parse(root)
     except WeightFormatError as e:
         raise WeightFormatError(f"{path}: {e}") from None

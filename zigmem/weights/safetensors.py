@@ -16,7 +16,9 @@ import os
 
 import numpy as np
 
-from .errors import WeightFormatError
+from ..dtypes import numpy_dtype_named
+from ..errors import WeightFormatError
+from .info import TensorInfo
 
 MAX_HEADER = 100_000_000  # the reference reader's cap
 
@@ -34,17 +36,8 @@ _RAW = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
 
 def numpy_dtype(name: str) -> np.dtype | None:
     """The numpy dtype for a safetensors dtype: ml_dtypes types when installed, else None."""
-    bits, np_name = DTYPES[name]
-    if np_name is None:
-        return None
-    try:
-        return np.dtype(np_name)
-    except TypeError:
-        try:
-            import ml_dtypes
-        except ImportError:
-            return None
-        return np.dtype(getattr(ml_dtypes, np_name))
+    np_name = DTYPES[name][1]
+    return None if np_name is None else numpy_dtype_named(np_name)
 
 
 def _no_duplicates(pairs):
@@ -58,8 +51,6 @@ def _no_duplicates(pairs):
 
 def parse(root: np.ndarray):
     """(metadata, [TensorInfo]) of a mapped safetensors file, or WeightFormatError."""
-    from .weights import TensorInfo
-
     size = root.size
     if size < 8:
         raise WeightFormatError(f"{size} bytes is too short for the 8-byte header length")

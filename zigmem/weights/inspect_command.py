@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._format import format_bytes
-from .weights import load_weights
+from .._format import format_bytes
+from .file import load_weights
 
 
 def summarise(value, width: int = 72) -> str:

@@ -13,8 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._binding import ffi, lib
-from .errors import WeightFormatError
+from .._binding import ffi, lib
+from ..dtypes import numpy_dtype_named
+from ..errors import WeightFormatError
+from .info import TensorInfo
 
 # GGUF value types: (struct format, numpy dtype) for scalars.
 _SCALARS = {0: ("<B", "u1"), 1: ("<b", "i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"),
@@ -95,8 +97,6 @@ def _nested(buf: memoryview, pos: int, t: int):
 
 def parse(root: np.ndarray):
     """(metadata, [TensorInfo]) of a mapped GGUF file, or WeightFormatError."""
-    from .weights import TensorInfo
-
     size = root.size
     data = ffi.cast("const uint8_t *", root.ctypes.data) if size else ffi.NULL
     err = ffi.new("char[]", 256)
@@ -120,14 +120,12 @@ def parse(root: np.ndarray):
 
 
 def _tensor_info(TensorInfo, buf, t):
-    from .safetensors_file import numpy_dtype
-
     name = str(buf[t.name: t.name + t.name_len], "utf-8")
     type_name, np_name = GGML_TYPES[t.type]
     dims = [int(d) for d in t.dims[0:t.n_dims]]
     shape = tuple(reversed(dims))
     if np_name == "bfloat16":
-        np_dtype = numpy_dtype("BF16") or np.dtype("<u2")
+        np_dtype = numpy_dtype_named("bfloat16") or np.dtype("<u2")
     elif np_name is not None:
         np_dtype = np.dtype(np_name)
     else:
