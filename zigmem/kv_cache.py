@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import numpy as np
 
@@ -86,7 +85,6 @@ class KVCache:
         self._seq_len = 0
         self._step_end = 0      # the fill level the current step brings every layer to
         self._written = 0       # layers that reached it
-        self._retired: list = []  # slabs kept alive by views from before a growth
         capacity = self.max_seq_len if growth == "preallocate" else min(_FIRST_CAPACITY, self.max_seq_len)
         self._capacity = 0
         self._slabs: list[Buffer] = []
@@ -279,18 +277,7 @@ class KVCache:
 
     def _retire(self, old: Buffer) -> None:
         """Free a replaced slab now, or when the last view of it dies."""
-        owner = old._owner() if old._owner is not None else None
-        if owner is None:
-            self.allocator.free(old)
-            return
-        self._retired.append(old)
-        weakref.finalize(owner, self._free_retired, old)
-
-    def _free_retired(self, old: Buffer) -> None:
-        if old in self._retired and old.is_live:
-            self._retired.remove(old)
-            old._owner = None
-            self.allocator.free(old)
+        old.free_when_unviewed()
 
     # ------------------------------------------------------------ lifetime
 
