@@ -187,14 +187,37 @@ class Allocator(OwnsCState):
         Returns the resized Buffer (``buf`` is consumed), or None when the allocator cannot
         do it without a copy (``buf`` unchanged): then ``realloc`` copies.
         """
-        return self._move(buf, new_nbytes, False, "remap")
+        rec, gen, site = self._moved(buf, new_nbytes, False, "remap")
+        if rec is None:
+            return None
+        new = _new(Buffer)
+        # The hand-over (as in realloc): no call until the return, so no exception can land
+        # inside it; before it, an exception leaves buf claimed, and it settles on the move.
+        new._address, new._nbytes, new._alignment, new._allocator = rec.address, rec.nbytes, buf._alignment, self
+        new._gen, new._owner, new._rec, new._sites = gen, None, None, (site, 0) if site else None
+        buf._gen, buf._rec = _FREED, None
+        buf._sites = (buf._sites[0], site) if buf._sites else None
+        if self._live is not None:
+            self._relive(buf, new)
+        return new
 
     def realloc(self, buf: Buffer, new_nbytes: int) -> Buffer:
         """Resize ``buf``, moving it if needed (contents kept up to the smaller size).
 
         Returns a new Buffer; ``buf`` is consumed. On OutOfMemoryError ``buf`` is untouched.
+        An exception landing inside the call (KeyboardInterrupt) leaves ``buf`` describing
+        the block wherever it is then, never a lost or doubly owned block.
         """
-        return self._move(buf, new_nbytes, True, "realloc")
+        rec, gen, site = self._moved(buf, new_nbytes, True, "realloc")
+        new = _new(Buffer)
+        # The hand-over: no call until the return, so no exception can land inside it.
+        new._address, new._nbytes, new._alignment, new._allocator = rec.address, rec.nbytes, buf._alignment, self
+        new._gen, new._owner, new._rec, new._sites = gen, None, None, (site, 0) if site else None
+        buf._gen, buf._rec = _FREED, None
+        buf._sites = (buf._sites[0], site) if buf._sites else None
+        if self._live is not None:
+            self._relive(buf, new)
+        return new
 
     def _claim(self, buf: Buffer):
         """Mark ``buf`` as being changed by C and give C the record to write the result to;
@@ -205,7 +228,9 @@ class Allocator(OwnsCState):
         buf._gen = _MOVING
         return rec, gen
 
-    def _move(self, buf: Buffer, new_nbytes: int, copy: bool, action: str) -> Buffer | None:
+    def _moved(self, buf: Buffer, new_nbytes: int, copy: bool, action: str):
+        """Move ``buf``'s block in C: (record, generation, site) with ``buf`` still claimed,
+        or (None, ...) with ``buf`` settled when remap cannot move without a copy."""
         self._check_release(buf, action)
         new_nbytes = check_size(new_nbytes, "new_nbytes")
         site = _here(self._site_frames) if self._site_frames else 0
@@ -215,26 +240,22 @@ class Allocator(OwnsCState):
             _settle(buf)
             if status:
                 raise failure(f"{self._describe()}.{action}({buf._nbytes} -> {new_nbytes})", site)
-            return None
-        new = _new(Buffer)
-        # The hand-over: no call from here to the return, so no exception can land inside
-        # it. Before it, an exception leaves buf claimed, and buf settles to the moved block.
-        new._address = rec.address
-        new._nbytes = rec.nbytes
-        new._alignment = buf._alignment
-        new._allocator = self
-        new._gen = gen
-        new._owner = None
-        new._rec = None
-        new._sites = (site, 0) if site else None
-        buf._gen = _FREED
-        buf._rec = None
-        if site:
-            buf._sites = (buf._sites[0] if buf._sites else 0, site)
-        if self._live is not None:
-            self._live.pop(id(buf), None)
-            self._live[id(new)] = new
-        return new
+            return None, gen, site
+        return rec, gen, site
+
+    def _relive(self, old: Buffer, new: Buffer) -> None:
+        """Site tracking after a move: ``old`` gone, ``new`` live."""
+        self._live.pop(id(old), None)
+        self._live[id(new)] = new
+
+    def _remap_in_place(self, buf: Buffer, new_nbytes: int) -> bool:
+        """``remap`` that keeps ``buf`` itself (its address and size change) instead of
+        consuming it: for owners like the KV cache, whose record of the block must never
+        be lost, whatever exception lands after the call. False: cannot without a copy."""
+        rec, _, _ = self._moved(buf, new_nbytes, False, "remap")
+        if rec is not None:
+            _settle(buf)
+        return rec is not None
 
     # ------------------------------------------------------------ releases
 

@@ -392,6 +392,15 @@ static PyObject *serve_exit(serve_t *self, PyObject *args) {
     Py_RETURN_FALSE;
 }
 
+static PyObject *serve_refuse_copy(serve_t *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    PyErr_SetString(PyExc_TypeError,
+                    "cannot copy or pickle a ServeNumpy: it installs handlers that own C state; "
+                    "call allocator.numpy() again instead");
+    return NULL;
+}
+
 static void serve_dealloc(serve_t *self) {
     Py_XDECREF(self->owner);
     Py_XDECREF(self->installed);
@@ -405,6 +414,10 @@ static PyMethodDef serve_methods[] = {
      "Install the allocator as numpy's data allocator for this context; returns it."},
     {"__exit__", (PyCFunction)serve_exit, METH_VARARGS,
      "Restore the handler the matching __enter__ replaced."},
+    {"__reduce_ex__", (PyCFunction)serve_refuse_copy, METH_VARARGS, NULL},
+    {"__reduce__", (PyCFunction)serve_refuse_copy, METH_NOARGS, NULL},
+    {"__copy__", (PyCFunction)serve_refuse_copy, METH_NOARGS, NULL},
+    {"__deepcopy__", (PyCFunction)serve_refuse_copy, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -412,7 +425,7 @@ static PyTypeObject serve_type = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "zigmem.ServeNumpy",
     .tp_basicsize = sizeof(serve_t),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
     .tp_doc = "What allocator.numpy() returns: a re-entrant context manager that serves "
               "numpy's data allocations from the allocator inside its block.",
     .tp_dealloc = (destructor)serve_dealloc,
