@@ -63,6 +63,7 @@ class Allocator(OwnsCState):
     thread_safe = False
     retains_child_memory = False
     _g = None          # the guard (zm_guard_t *), set by __init__
+    _gen_seen = 0
     _site_frames = 0   # Python frames recorded per allocation (0: none)
     _live = None       # id -> Buffer, while site tracking is on (testing's sweep)
 
@@ -82,6 +83,11 @@ class Allocator(OwnsCState):
         else:
             guard_init(g)
         self._g = ffi.gc(g, lib.zm_guard_deinit)
+        # The generation as last seen from Python: what new Buffers are stamped with. C
+        # checks every stamp, so a stale value (a release in another thread) only costs a
+        # refresh and a retry.
+        self._gen_seen = 0
+        self._own_chain = (ffi.new("zm_guard_t *[1]", [g]), ffi.new("uint64_t[1]"))
         self._c = ffi.new("zm_allocator_t *")
         lib.zm_guard_allocator(self._g, self._c)
         self._children = tuple(children)
@@ -122,12 +128,11 @@ class Allocator(OwnsCState):
             InvalidArgumentError: Negative size, alignment not a power of two.
             UseAfterFreeError: The allocator was deinitialised.
         """
-        g = self._g
         site = _here(self._site_frames) if self._site_frames else 0
         while True:
+            gen = self._gen_seen
             try:
-                gen = g.generation
-                address = _guard_alloc(g, gen, nbytes, alignment, site)
+                address = _guard_alloc(self._g, gen, nbytes, alignment, site)
             except (TypeError, OverflowError, AttributeError):
                 self._check_open("alloc")
                 check_size(nbytes, "nbytes")
@@ -135,8 +140,9 @@ class Allocator(OwnsCState):
                 raise
             if address:
                 break
-            if lib.zm_last_report().code != _STALE:  # a release in another thread: again
+            if lib.zm_last_report().code != _STALE:
                 raise failure(f"{self._describe()}.alloc({nbytes}, alignment={alignment})", site)
+            self._gen_seen = self._g.generation  # a release since we looked: again
         buf = new_buffer(self, address, nbytes, alignment, gen)
         if site:
             buf._sites = (site, 0)
@@ -155,7 +161,7 @@ class Allocator(OwnsCState):
             BufferOverflowError, ...: found by a safety check; the block is freed all the same.
         """
         if buf.__class__ is not Buffer or buf._allocator is not self or buf._owner is not None \
-                or buf._gen != self._g.generation:
+                or buf._gen != self._gen_seen:
             self._check_release(buf, "free", releasing=True)
         site = _here(self._site_frames) if self._site_frames else 0
         gen = buf._gen
@@ -168,6 +174,10 @@ class Allocator(OwnsCState):
         if self._live is not None:
             self._live.pop(id(buf), None)
         if status:
+            if status == _STALE:  # released by a reset in another thread: not freed here
+                buf._gen = gen
+                self._gen_seen = self._g.generation
+                self._check_usable(buf, "free")
             raise failure(f"{self._describe()}.free({format_address(buf._address)})", site)
 
     def resize(self, buf: Buffer, new_nbytes: int) -> bool:
@@ -284,18 +294,24 @@ class Allocator(OwnsCState):
 
     def _close(self) -> None:
         """Release the C state and let go of the children (deinit, or collection)."""
-        self._release("deinit", DanglingViewError, self._c_deinit, (self,))
+        self._release("deinit", DanglingViewError, (self,), self._c_deinit)
         self._after_close()
         self._detach()
 
-    def _release(self, action: str, error: type[DanglingViewError], c_release, chain) -> int:
-        """Run ``c_release(guards, holds, n)`` over ``chain`` (ancestors newest first, then
-        self) once nothing numpy can reach is left in any of them; returns its status."""
-        guards = ffi.new("zm_guard_t *[]", [a._g for a in chain])
+    def _release(self, action: str, error: type[DanglingViewError], chain, c_release,
+                 *args) -> int:
+        """Run ``c_release(guards, holds, n, *args)`` over ``chain`` (ancestors newest first,
+        then self) once nothing numpy can reach is left in any of them; its status."""
+        if len(chain) == 1:  # the usual case, without building arrays
+            guards, holds = self._own_chain
+        else:
+            guards = ffi.new("zm_guard_t *[]", [a._g for a in chain])
+            holds = ffi.new("uint64_t[]", len(chain))
         for _ in range(1000):
             self._check_no_views(chain, action, error)
-            holds = ffi.new("uint64_t[]", [a._g.holds_made for a in chain])
-            status = c_release(guards, holds, len(chain))
+            for i, a in enumerate(chain):
+                holds[i] = a._g.holds_made
+            status = c_release(guards, holds, len(chain), *args)
             if status != lib.ZM_ERR_RETRY:  # a view was made meanwhile: look again
                 break
         if status == lib.ZM_ERR_LIVE:
@@ -305,6 +321,7 @@ class Allocator(OwnsCState):
         if status == lib.ZM_ERR_CLOSED:
             raise UseAfterFreeError(f"cannot {action}: {self._describe()} was deinitialised")
         for a in chain:
+            a._gen_seen = a._g.generation
             if a._numpy_bridge is not None:
                 a._numpy_bridge.raise_error(f"{self._describe()}.{action}()")
         return status
@@ -312,6 +329,8 @@ class Allocator(OwnsCState):
     def _reset_chain(self, action: str) -> list[Allocator]:
         """self and every open allocator above it, newest first, for a reset; refused when
         one of them keeps memory from below (an arena over this one)."""
+        if not self._parents:
+            return [self]
         above: dict[int, Allocator] = {}
         todo = self._open_parents()
         while todo:

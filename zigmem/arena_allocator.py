@@ -43,6 +43,7 @@ class ArenaAllocator(Allocator):
         inner = ffi.new("zm_allocator_t *")
         lib.zm_arena_allocator(self._state, inner)
         super().__init__(inner, (child,))
+        self._retained = ffi.new("int *")
 
     @property
     def capacity(self) -> int:
@@ -75,13 +76,9 @@ class ArenaAllocator(Allocator):
             if mode == "retain_capacity":
                 mode = "retain_with_limit"
         self._check_open("reset")
-        retained = ffi.new("int *")
-        c_mode, c_limit = _MODES[mode], limit or 0
-
-        def reset(guards, holds, n):
-            return lib.zm_py_arena_reset(guards, holds, n, self._state, c_mode, c_limit, retained)
-
-        self._release("reset", ArenaEscapeError, reset, self._reset_chain("reset"))
+        retained = self._retained
+        self._release("reset", ArenaEscapeError, self._reset_chain("reset"), lib.zm_py_arena_reset,
+                      self._state, _MODES[mode], limit or 0, retained)
         return bool(retained[0])
 
     def _c_deinit(self, guards, holds, n: int) -> int:

@@ -71,12 +71,8 @@ class FixedBufferAllocator(Allocator):
             MemorySafetyError: an arena allocates from it and keeps its memory.
         """
         self._check_open("reset")
-        state = self._state
-
-        def reset(guards, holds, n):
-            return lib.zm_py_fixed_buffer_reset(guards, holds, n, state)
-
-        self._release("reset", ArenaEscapeError, reset, self._reset_chain("reset"))
+        self._release("reset", ArenaEscapeError, self._reset_chain("reset"),
+                      lib.zm_py_fixed_buffer_reset, self._state)
 
     def _after_close(self) -> None:
         ffi.release(self._cbuf)  # lets a bytearray be resized again

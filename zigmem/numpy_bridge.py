@@ -85,6 +85,8 @@ class NumpyBridge:
 
     def raise_error(self, what: str) -> None:
         """Raise the first write before a numpy array found since the last call, if any."""
+        if not self.state.errors:
+            return
         report = ffi.new("zm_report_t *")
         if lib.zm_np_take_error(self.state, report):
             raise failure(what, report=report)

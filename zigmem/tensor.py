@@ -18,6 +18,8 @@ from .errors import (
 )
 
 _here = _sites.here
+_STALE = lib.ZM_ERR_STALE
+_NO_SITES = (0, 0)
 
 
 class Tensor(OwnsCState):
@@ -50,23 +52,23 @@ class Tensor(OwnsCState):
                 f"allocator must be a zigmem allocator, not {type(allocator).__name__}")
         self._gen = _FREED  # until init succeeds
         self._dtype = resolve(dtype)
-        shape = self._shape = _as_shape(shape)
-        g = allocator._g
+        shape = self._shape = shape if shape.__class__ is tuple else _as_shape(shape)
         site = _here(allocator._site_frames) if allocator._site_frames else 0
         t = _structs.pop() if _structs else ffi.new("zm_tensor_t *")
         while True:
+            gen = allocator._gen_seen
             try:
-                gen = g.generation
                 # cffi converts each dimension to int64 and C refuses negatives: the careful
                 # check runs only when one of them fails.
-                status = lib.zm_py_tensor_init(g, gen, t, shape, len(shape),
+                status = lib.zm_py_tensor_init(allocator._g, gen, t, shape, len(shape),
                                                self._dtype.itemsize, site)
             except (TypeError, OverflowError, AttributeError):
                 allocator._check_open("allocate a Tensor from")
                 _check_shape(shape)
                 raise
-            if status != lib.ZM_ERR_STALE:  # a release in another thread: again
+            if status != _STALE:
                 break
+            allocator._gen_seen = allocator._g.generation  # a release since: again
         if status:
             _structs.append(t)
             if status == lib.ZM_ERR_INVALID_ARG:
@@ -78,7 +80,7 @@ class Tensor(OwnsCState):
         self._allocator = allocator
         self._gen = gen
         self._buf = None  # the data as a Buffer, made at the first .data
-        self._sites = (site, 0)
+        self._sites = (site, 0) if site else _NO_SITES
 
     @classmethod
     def from_numpy(cls, allocator: Allocator, array) -> Tensor:
@@ -131,7 +133,7 @@ class Tensor(OwnsCState):
         allocator = self._allocator
         buf = self._buf
         gen = self._gen
-        if buf is not None or gen != allocator._g.generation:
+        if buf is not None or gen != allocator._gen_seen:
             self._check_live("deinit", releasing=True)
             if buf is not None:
                 if buf.has_views():
@@ -141,9 +143,14 @@ class Tensor(OwnsCState):
                 buf._gen = _FREED
         site = _here(allocator._site_frames) if allocator._site_frames else 0
         self._gen = _FREED  # claimed before the GIL is released
-        self._sites = (self._sites[0], site)
+        if site:
+            self._sites = (self._sites[0], site)
         status = lib.zm_py_tensor_deinit(allocator._g, gen, self._t, site)
         if status:
+            if status == _STALE:  # released by a reset in another thread
+                self._gen = gen
+                allocator._gen_seen = allocator._g.generation
+                self._check_live("deinit")
             raise_failure(f"{self!r}.deinit()", site)
         _structs.append(self._t)  # reusable: every later access checks _gen first
 
