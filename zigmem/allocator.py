@@ -64,6 +64,7 @@ class Allocator(OwnsCState):
     retains_child_memory = False
     _g = None          # the guard (zm_guard_t *), set by __init__
     _gen_seen = 0
+    _pinned_by = None  # a C user that holds the allocator for good (the kernel pool)
     _site_frames = 0   # Python frames recorded per allocation (0: none)
     _live = None       # id -> Buffer, while site tracking is on (testing's sweep)
 
@@ -97,6 +98,11 @@ class Allocator(OwnsCState):
         self._collect_when_unused = False
         for child in self._children:
             child._parents.append(weakref.ref(self))
+
+    def _pin(self, user: str) -> None:
+        """C code that is not an allocator (the kernels' worker pool) holds this allocator
+        for the rest of the process: deinit is refused, naming ``user``."""
+        self._pinned_by = user
 
     @staticmethod
     def _wrap(child, name: str = "child") -> Allocator:
@@ -279,12 +285,13 @@ class Allocator(OwnsCState):
         """
         if self._closed:
             return
-        users = self._open_parents()
+        users = [p._describe() for p in self._open_parents()]
+        if self._pinned_by:
+            users.append(self._pinned_by)
         if users:
             raise MemorySafetyError(
-                f"cannot deinit {self._describe()}: "
-                f"{', '.join(p._describe() for p in users)} still allocates from it; deinit "
-                "that first")
+                f"cannot deinit {self._describe()}: {', '.join(users)} still allocates from "
+                "it; deinit that first")
         bridge = self._numpy_bridge
         if bridge is not None and bridge.serving_this_context():
             raise MemorySafetyError(
