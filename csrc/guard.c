@@ -60,6 +60,7 @@ static void lock_shared(zm_guard_t *g) {
 static inline void unlock_exclusive(zm_guard_t *g) { __atomic_store_n(&g->lock, 0, __ATOMIC_RELEASE); }
 
 bool zm_guard_enter(zm_guard_t *g) {
+    zm_trace_enter();
     if (g->shared) lock_shared(g);
     else lock_exclusive(g);
     if (ZM_LIKELY(!g->closed)) return true;
@@ -71,6 +72,7 @@ bool zm_guard_enter(zm_guard_t *g) {
 void zm_guard_leave(zm_guard_t *g) {
     if (g->shared) __atomic_sub_fetch(&g->lock, 1, __ATOMIC_RELEASE);
     else unlock_exclusive(g);
+    zm_trace_leave(); /* after the unlock: a tracer may need Python's GIL */
 }
 
 /* ---------------------------------------------------------------- registry and fork */
@@ -256,6 +258,7 @@ int zm_guard_release(zm_guard_t *const *chain, const uint64_t *holds, size_t n, 
                      int (*op)(void *ctx, void *arg), void *ctx, void *arg, int *op_status) {
     zm_report_t *r = zm_last_report();
     r->code = ZM_OK;
+    zm_trace_enter();
     for (size_t i = 0; i < n; i++) lock_exclusive(chain[i]);
     int status = ZM_OK;
     zm_guard_t *target = chain[n - 1];
@@ -283,5 +286,6 @@ int zm_guard_release(zm_guard_t *const *chain, const uint64_t *holds, size_t n, 
         if (close) target->closed = true;
     }
     for (size_t i = n; i-- > 0;) unlock_exclusive(chain[i]);
+    zm_trace_leave();
     return status;
 }

@@ -15,7 +15,7 @@ from ._zigmem import ffi, lib
 
 __all__ = [
     "ffi", "lib", "failure", "raise_failure", "check_size", "check_alignment", "SIZE_MAX",
-    "extension_path",
+    "extension_path", "TRACEMALLOC_DOMAIN",
 ]
 
 
@@ -25,6 +25,11 @@ def extension_path() -> str:
     return _zigmem.__file__
 
 SIZE_MAX = int(ffi.cast("size_t", -1))
+
+# tracemalloc sees the memory zigmem maps (arena and pool chunks, GPA slabs, page blocks)
+# under this domain: tracemalloc.DomainFilter(True, TRACEMALLOC_DOMAIN).
+TRACEMALLOC_DOMAIN = lib.ZM_TRACEMALLOC_DOMAIN
+lib.zm_py_trace_install()
 
 
 def _oom_message(what: str, report) -> str:

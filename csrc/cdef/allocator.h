@@ -26,3 +26,5 @@ int zm_guard_move(zm_guard_t *g, uint64_t gen, zm_block_t *b, size_t new_len, bo
                   uint64_t site);
 int zm_guard_hold(zm_guard_t *g, uint64_t gen);
 int zm_py_close(zm_guard_t *const *chain, const uint64_t *holds, size_t n);
+#define ZM_TRACEMALLOC_DOMAIN ...
+void zm_py_trace_install(void);

@@ -140,6 +140,27 @@ static inline void zm_free(zm_allocator_t a, void *ptr, size_t len, size_t align
 /* remap, else alloc + copy + free. NULL: out of memory, the old block is untouched. */
 void *zm_realloc(zm_allocator_t a, void *ptr, size_t len, size_t align, size_t new_len);
 
+/* ---------------------------------------------------------------- memory tracing
+ *
+ * Hooks told about every mapping the page allocator makes (track: address and size) or
+ * gives back (untrack), for a tracer such as Python's tracemalloc (see trace.c). Calls made
+ * inside a guard are delivered when the thread leaves its outermost guard, never under a
+ * lock; threads marked quiet deliver nothing. */
+typedef struct zm_trace_hooks {
+    void (*track)(uintptr_t ptr, size_t size);
+    void (*untrack)(uintptr_t ptr);
+} zm_trace_hooks_t;
+
+/* Install hooks (NULL: none, the default). */
+void zm_trace_set(const zm_trace_hooks_t *hooks);
+/* Mark the calling thread quiet (worker threads that must not call into the tracer). */
+void zm_trace_quiet(bool on);
+/* For allocators: memory from the OS (size > 0) or given back (size 0). */
+void zm_trace_event(uintptr_t ptr, size_t size);
+/* For guards: the thread enters / leaves a lock; leaving the outermost delivers events. */
+void zm_trace_enter(void);
+void zm_trace_leave(void);
+
 /* ---------------------------------------------------------------- guard
  *
  * An allocator made safe to share between threads and wrappers, with every release checked

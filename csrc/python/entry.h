@@ -29,4 +29,8 @@ int zm_py_tensor_init(zm_guard_t *g, uint64_t gen, zm_tensor_t *t, const int64_t
                       size_t ndim, size_t itemsize, uint64_t site);
 int zm_py_tensor_deinit(zm_guard_t *g, uint64_t gen, zm_tensor_t *t, uint64_t site);
 
+/* tracemalloc: zigmem's domain, and installing the hooks that report to it. */
+#define ZM_TRACEMALLOC_DOMAIN 0x7a6d656d /* "zmem" */
+void zm_py_trace_install(void);
+
 #endif
