@@ -171,7 +171,52 @@ static void test_chain_under_threads_and_resets(void) {
     zm_guard_deinit(&page_guard);
 }
 
+/* ---------------------------------------------------------------- tracing */
+
+static zm_guard_t *traced_guard;
+static long tracked, untracked, delivered_under_lock;
+
+static void on_track(uintptr_t ptr, size_t size) {
+    (void)ptr;
+    (void)size;
+    tracked++;
+    delivered_under_lock += __atomic_load_n(&traced_guard->lock, __ATOMIC_RELAXED) != 0;
+}
+
+static void on_untrack(uintptr_t ptr) {
+    (void)ptr;
+    untracked++;
+    delivered_under_lock += __atomic_load_n(&traced_guard->lock, __ATOMIC_RELAXED) != 0;
+}
+
+static void test_trace_events_leave_the_lock_first(void) {
+    zm_page_t page;
+    zm_allocator_t pa, aa;
+    zm_page_init(&page, 0);
+    zm_page_allocator(&page, &pa);
+    zm_arena_t arena;
+    zm_arena_init(&arena, pa);
+    zm_arena_allocator(&arena, &aa);
+    zm_guard_t g;
+    zm_guard_init(&g, aa, false);
+    traced_guard = &g;
+    zm_trace_hooks_t hooks = {on_track, on_untrack};
+    zm_trace_set(&hooks);
+    for (int i = 0; i < 600; i++) CHECK(zm_guard_alloc(&g, 0, 1 << 14, 16, 0) != 0);
+    long chunks = tracked;
+    CHECK(chunks > 0 && chunks < 600); /* chunks, not bump allocations */
+    zm_guard_t *chain[1] = {&g};
+    CHECK(release(chain, 1, false, &arena) == ZM_OK);
+    CHECK(untracked >= chunks - 1); /* free_all gave every chunk back, all delivered */
+    CHECK(delivered_under_lock == 0);
+    zm_trace_set(NULL);
+    CHECK(release(chain, 1, true, NULL) == ZM_OK);
+    zm_arena_deinit(&arena);
+    zm_guard_deinit(&g);
+}
+
 int main(void) {
+    test_trace_events_leave_the_lock_first();
     test_checked_calls_and_generations();
     test_chain_under_threads_and_resets();
     return check_summary();
