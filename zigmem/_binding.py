@@ -46,7 +46,7 @@ def _oom_message(what: str, report) -> str:
     if report.code == lib.ZM_ERR_LIMIT:
         return f"{what}: {format_bytes(size)} would exceed the memory limit of {format_bytes(report.limit)}"
     if report.code == lib.ZM_ERR_INDUCED:
-        return f"{what}: failed on purpose (FailingAllocator, failing index {report.limit})"
+        return f"{what}: failed on purpose (FailingAllocator, failing index {report.index})"
     detail = f" ({os.strerror(report.sys_errno)})" if report.sys_errno else ""
     if report.sys_errno == 0 and report.limit:
         detail = f" (only {format_bytes(report.limit)} left)"
@@ -76,7 +76,7 @@ def _invalid_free(what: str, report) -> str:
                 f"but allocated with {report.size}{_sites_of(report)}")
     if detail == lib.ZM_FREE_WRONG_ALIGNMENT:
         return (f"{what}: invalid free of {_block(report)}: freed with alignment "
-                f"{report.given} but allocated with {report.expected}{_sites_of(report)}")
+                f"{report.given} but allocated with {report.alignment}{_sites_of(report)}")
     return (f"{what}: invalid free of {format_address(report.address)}: this allocator never "
             "returned it (or it was freed long ago and left the quarantine)")
 

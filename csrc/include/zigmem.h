@@ -78,10 +78,11 @@ typedef struct zm_report {
     int sys_errno;        /* errno from the OS call that failed, if any */
     uintptr_t address;    /* the block concerned */
     size_t size;          /* the size requested, or the block's size */
-    size_t expected;      /* the block's alignment */
+    size_t alignment;     /* the block's alignment */
     size_t offset;        /* where corruption starts, relative to the block */
     size_t count;         /* how many bytes are corrupted */
-    size_t limit;         /* the limit that refused the request */
+    size_t limit;         /* the limit that refused the request (bytes) */
+    size_t index;         /* ZM_ERR_INDUCED: the failing allocator's fail index */
     uint64_t alloc_site;  /* caller-provided site ids (general-purpose allocator) */
     uint64_t free_site;
     int detail;           /* zm_free_detail_t, for ZM_ERR_INVALID_FREE */
@@ -94,7 +95,7 @@ typedef enum zm_free_detail {
     ZM_FREE_UNKNOWN_POINTER = 1, /* never returned by this allocator (or long recycled) */
     ZM_FREE_INTERIOR_POINTER = 2, /* offset bytes inside the block at address */
     ZM_FREE_WRONG_SIZE = 3,       /* given: the size passed; size: the block's */
-    ZM_FREE_WRONG_ALIGNMENT = 4,  /* given: the alignment passed; expected: the block's */
+    ZM_FREE_WRONG_ALIGNMENT = 4,  /* given: the alignment passed; alignment: the block's */
 } zm_free_detail_t;
 
 /* The calling thread's report of its last failure. */
@@ -354,7 +355,7 @@ void zm_gpa_stats(zm_gpa_t *g, zm_gpa_stats_t *out);
 /* Verify every live block's red zones and every quarantined block's poison. Returns the
  * first problem (report in zm_last_report) after repairing it, or ZM_OK. */
 int zm_gpa_check(zm_gpa_t *g);
-/* Fill out[0..max) with live blocks (address, size, expected = alignment, alloc_site);
+/* Fill out[0..max) with live blocks (address, size, alignment, alloc_site);
  * returns how many blocks are live. */
 size_t zm_gpa_leaks(zm_gpa_t *g, zm_report_t *out, size_t max);
 /* Release everything. Returns the first corruption found on the way (report filled). */
