@@ -89,6 +89,33 @@ static bool fail(cursor_t *c, const char *fmt, ...) {
     return false;
 }
 
+/* What an error names: "key-value #3" until a key is read, then the key; "tensor NAME".
+ * Formatted only when an error is reported: walking millions of records formats nothing. */
+typedef struct label {
+    const char *kind;
+    uint64_t index;
+    const uint8_t *name; /* NULL: name the record by its index */
+    uint64_t name_len;
+} label_t;
+
+static bool fail_named(cursor_t *c, const label_t *what, const char *fmt, ...) {
+    if (!c->failed && c->err_len) {
+        int n = what->name ? snprintf(c->err, c->err_len, "%s%.*s: ", what->kind,
+                                      what->name_len > 80 ? 80 : (int)what->name_len,
+                                      (const char *)what->name)
+                           : snprintf(c->err, c->err_len, "%s#%llu: ", what->kind,
+                                      (unsigned long long)what->index);
+        if (n >= 0 && (size_t)n < c->err_len) {
+            va_list ap;
+            va_start(ap, fmt);
+            vsnprintf(c->err + n, c->err_len - (size_t)n, fmt, ap);
+            va_end(ap);
+        }
+    }
+    c->failed = true;
+    return false;
+}
+
 static bool take(cursor_t *c, size_t n, const uint8_t **out) {
     if (c->failed) return false;
     if (n > c->size - c->pos)
@@ -136,15 +163,15 @@ static bool utf8_valid(const uint8_t *s, size_t n) {
 }
 
 /* A string: its offset and length; what names it in an error. */
-static bool string(cursor_t *c, uint64_t *off, uint64_t *len, const char *what) {
+static bool string(cursor_t *c, uint64_t *off, uint64_t *len, const label_t *what) {
     const uint8_t *p = NULL;
     if (!u64(c, len)) return false;
     if (*len > c->size - c->pos)
-        return fail(c, "%s: string of %llu bytes runs past the end of the file", what,
-                    (unsigned long long)*len);
+        return fail_named(c, what, "string of %llu bytes runs past the end of the file",
+                          (unsigned long long)*len);
     *off = c->pos;
     if (!take(c, (size_t)*len, &p)) return false;
-    if (!utf8_valid(p, (size_t)*len)) return fail(c, "%s: string is not valid UTF-8", what);
+    if (!utf8_valid(p, (size_t)*len)) return fail_named(c, what, "string is not valid UTF-8");
     return true;
 }
 
@@ -153,20 +180,20 @@ static int shown(uint64_t len) { return len > 80 ? 80 : (int)len; }
 
 /* ---------------------------------------------------------------- values */
 
-static bool value(cursor_t *c, uint32_t type, int depth, const char *key, zm_gguf_kv_t *kv);
+static bool value(cursor_t *c, uint32_t type, int depth, const label_t *key, zm_gguf_kv_t *kv);
 
-static bool array(cursor_t *c, int depth, const char *key, zm_gguf_kv_t *kv) {
+static bool array(cursor_t *c, int depth, const label_t *key, zm_gguf_kv_t *kv) {
     uint32_t item;
     uint64_t count;
-    if (depth >= MAX_NESTING) return fail(c, "%s: arrays nested deeper than %d", key, MAX_NESTING);
+    if (depth >= MAX_NESTING) return fail_named(c, key, "arrays nested deeper than %d", MAX_NESTING);
     if (!u32(c, &item) || !u64(c, &count)) return false;
-    if (item >= T_COUNT) return fail(c, "%s: unknown array item type %u", key, item);
+    if (item >= T_COUNT) return fail_named(c, key, "unknown array item type %u", item);
     /* Each item takes at least one byte (a string at least 8, an array 12): a count the
      * rest of the file cannot hold is refused before anything is read. */
     uint64_t min = item == T_STRING ? 8 : item == T_ARRAY ? 12 : scalar_size[item];
     if (count > (c->size - c->pos) / min)
-        return fail(c, "%s: array of %llu items cannot fit in the %zu bytes left", key,
-                    (unsigned long long)count, c->size - c->pos);
+        return fail_named(c, key, "array of %llu items cannot fit in the %zu bytes left",
+                          (unsigned long long)count, c->size - c->pos);
     if (kv) {
         kv->item_type = item;
         kv->count = count;
@@ -177,7 +204,7 @@ static bool array(cursor_t *c, int depth, const char *key, zm_gguf_kv_t *kv) {
         if (!take(c, (size_t)count * scalar_size[item], &p)) return false;
         if (item == T_BOOL)
             for (uint64_t i = 0; i < count; i++)
-                if (p[i] > 1) return fail(c, "%s: bool value %u is neither 0 nor 1", key, p[i]);
+                if (p[i] > 1) return fail_named(c, key, "bool value %u is neither 0 nor 1", p[i]);
         return true;
     }
     for (uint64_t i = 0; i < count; i++)
@@ -185,10 +212,10 @@ static bool array(cursor_t *c, int depth, const char *key, zm_gguf_kv_t *kv) {
     return true;
 }
 
-static bool value(cursor_t *c, uint32_t type, int depth, const char *key, zm_gguf_kv_t *kv) {
+static bool value(cursor_t *c, uint32_t type, int depth, const label_t *key, zm_gguf_kv_t *kv) {
     const uint8_t *p = NULL;
     uint64_t off, len;
-    if (type >= T_COUNT) return fail(c, "%s: unknown value type %u", key, type);
+    if (type >= T_COUNT) return fail_named(c, key, "unknown value type %u", type);
     if (type == T_ARRAY) return array(c, depth, key, kv);
     if (type == T_STRING) {
         if (!string(c, &off, &len, key)) return false;
@@ -200,7 +227,7 @@ static bool value(cursor_t *c, uint32_t type, int depth, const char *key, zm_ggu
     }
     if (kv) kv->value = c->pos;
     if (!take(c, scalar_size[type], &p)) return false;
-    if (type == T_BOOL && *p > 1) return fail(c, "%s: bool value %u is neither 0 nor 1", key, *p);
+    if (type == T_BOOL && *p > 1) return fail_named(c, key, "bool value %u is neither 0 nor 1", *p);
     return true;
 }
 
@@ -209,14 +236,13 @@ static bool value(cursor_t *c, uint32_t type, int depth, const char *key, zm_ggu
 /* One key-value at the cursor: key, type and value, all validated. index names it in
  * errors until its key is known. */
 static bool read_kv(cursor_t *c, uint64_t index, zm_gguf_kv_t *kv) {
-    char what[96];
+    label_t what = {"key-value ", index, NULL, 0};
     memset(kv, 0, sizeof *kv);
     kv->pos = c->pos;
-    snprintf(what, sizeof what, "key-value #%llu", (unsigned long long)index);
-    if (!string(c, &kv->key, &kv->key_len, what)) return false;
-    if (kv->key_len == 0) return fail(c, "%s: the key is empty", what);
-    snprintf(what, sizeof what, "%.*s", shown(kv->key_len), (const char *)c->data + kv->key);
-    if (!u32(c, &kv->type) || !value(c, kv->type, 0, what, kv)) return false;
+    if (!string(c, &kv->key, &kv->key_len, &what)) return false;
+    if (kv->key_len == 0) return fail_named(c, &what, "the key is empty");
+    what = (label_t){"", 0, c->data + kv->key, kv->key_len};
+    if (!u32(c, &kv->type) || !value(c, kv->type, 0, &what, kv)) return false;
     kv->end = c->pos;
     return true;
 }
@@ -225,14 +251,13 @@ static bool read_kv(cursor_t *c, uint64_t index, zm_gguf_kv_t *kv) {
  * the bytes, the shape must be one numpy can view: every product of the non-zero dims,
  * in elements and in bytes, fits in an int64 (numpy checks them even when a dim is 0). */
 static bool read_tensor_info(cursor_t *c, uint64_t index, zm_gguf_tensor_t *t) {
-    char what[96];
+    label_t named = {"tensor ", index, NULL, 0}, *what = &named;
     memset(t, 0, sizeof *t);
     t->pos = c->pos;
-    snprintf(what, sizeof what, "tensor #%llu", (unsigned long long)index);
     if (!string(c, &t->name, &t->name_len, what)) return false;
-    snprintf(what, sizeof what, "tensor %.*s", shown(t->name_len), (const char *)c->data + t->name);
+    named = (label_t){"tensor ", 0, c->data + t->name, t->name_len};
     if (!u32(c, &t->n_dims)) return false;
-    if (t->n_dims > MAX_DIMS) return fail(c, "%s: %u dimensions, at most %d", what, t->n_dims, MAX_DIMS);
+    if (t->n_dims > MAX_DIMS) return fail_named(c, what, "%u dimensions, at most %d", t->n_dims, MAX_DIMS);
     uint64_t nonzero = 1;
     bool empty = false;
     for (uint32_t d = 0; d < t->n_dims; d++) {
@@ -243,20 +268,20 @@ static bool read_tensor_info(cursor_t *c, uint64_t index, zm_gguf_tensor_t *t) {
         }
         if (t->dims[d] > INT64_MAX || __builtin_mul_overflow(nonzero, t->dims[d], &nonzero)
             || nonzero > INT64_MAX)
-            return fail(c, "%s: its shape overflows", what);
+            return fail_named(c, what, "its shape overflows");
     }
     uint32_t block, bytes;
     if (!u32(c, &t->type) || !u64(c, &t->offset)) return false;
     if (!zm_ggml_type_size(t->type, &block, &bytes))
-        return fail(c, "%s: unknown ggml type %u", what, t->type);
+        return fail_named(c, what, "unknown ggml type %u", t->type);
     uint64_t row = t->n_dims ? t->dims[0] : 1;
     if (row % block)
-        return fail(c, "%s: %llu elements per row is not a multiple of the %u-element block of "
-                    "its type", what, (unsigned long long)row, block);
+        return fail_named(c, what, "%llu elements per row is not a multiple of the %u-element "
+                          "block of its type", (unsigned long long)row, block);
     uint64_t nonzero_bytes;
     if (__builtin_mul_overflow(nonzero / block + (nonzero % block != 0), (uint64_t)bytes,
                                &nonzero_bytes) || nonzero_bytes > INT64_MAX)
-        return fail(c, "%s: its size overflows", what);
+        return fail_named(c, what, "its size overflows");
     t->nbytes = empty ? 0 : nonzero_bytes;
     t->end = c->pos;
     return true;
@@ -348,13 +373,16 @@ int zm_gguf_tensor_at(const uint8_t *data, size_t size, const zm_gguf_info_t *in
     return ZM_OK;
 }
 
-int zm_gguf_value_end(const uint8_t *data, size_t size, uint64_t pos, uint32_t type,
-                      uint64_t *end) {
+int zm_gguf_item_offsets(const uint8_t *data, size_t size, uint64_t first, uint32_t item_type,
+                         uint64_t count, uint64_t *offsets) {
     cursor_t c = {data, size, 0, NULL, 0, false};
-    if (pos > size) return ZM_ERR_INVALID_ARG;
-    c.pos = pos;
-    if (!value(&c, type, 0, "", NULL)) return ZM_ERR_INVALID_ARG;
-    *end = c.pos;
+    const label_t item = {"item ", 0, NULL, 0}; /* no message: err_len is 0 */
+    if (first > size) return ZM_ERR_INVALID_ARG;
+    c.pos = first;
+    for (uint64_t i = 0; i < count; i++) {
+        offsets[i] = c.pos;
+        if (!value(&c, item_type, 0, &item, NULL)) return ZM_ERR_INVALID_ARG;
+    }
     return ZM_OK;
 }
 

@@ -12,8 +12,8 @@ int zm_gguf_parse(const uint8_t *data, size_t size, const zm_gguf_info_t *info,
 int zm_gguf_kv_at(const uint8_t *data, size_t size, uint64_t pos, zm_gguf_kv_t *kv);
 int zm_gguf_tensor_at(const uint8_t *data, size_t size, const zm_gguf_info_t *info, uint64_t pos,
                       zm_gguf_tensor_t *t);
-int zm_gguf_value_end(const uint8_t *data, size_t size, uint64_t pos, uint32_t type,
-                      uint64_t *end);
+int zm_gguf_item_offsets(const uint8_t *data, size_t size, uint64_t first, uint32_t item_type,
+                         uint64_t count, uint64_t *offsets);
 int64_t zm_gguf_find(const uint8_t *data, const uint64_t *index, uint64_t n, const char *name,
                      size_t name_len);
 bool zm_ggml_type_size(uint32_t type, uint32_t *block, uint32_t *bytes);

@@ -350,9 +350,9 @@ int zm_gguf_parse(const uint8_t *data, size_t size, const zm_gguf_info_t *info,
 int zm_gguf_kv_at(const uint8_t *data, size_t size, uint64_t pos, zm_gguf_kv_t *kv);
 int zm_gguf_tensor_at(const uint8_t *data, size_t size, const zm_gguf_info_t *info, uint64_t pos,
                       zm_gguf_tensor_t *t);
-/* Where a value of the given type starting at pos ends (items of nested arrays). */
-int zm_gguf_value_end(const uint8_t *data, size_t size, uint64_t pos, uint32_t type,
-                      uint64_t *end);
+/* Where each of count items of item_type starting at first begins (nested arrays). */
+int zm_gguf_item_offsets(const uint8_t *data, size_t size, uint64_t first, uint32_t item_type,
+                         uint64_t count, uint64_t *offsets);
 /* The position in index (sorted by zm_gguf_parse) of the record named name, or -1. */
 int64_t zm_gguf_find(const uint8_t *data, const uint64_t *index, uint64_t n, const char *name,
                      size_t name_len);

@@ -199,14 +199,11 @@ class _LazyArray(Sequence):
         size = _SCALARS.get(self._item_type)
         if size is not None:
             return self._first + i * struct.calcsize(size[0])
-        if self._offsets is None:
+        if self._offsets is None:  # one u64 per item: at most 2/3 of the array's bytes
             root, offsets = self._root, np.empty(self._count, np.uint64)
-            data, end, pos = _pointer(root), ffi.new("uint64_t *"), self._first
-            for k in range(self._count):
-                offsets[k] = pos
-                if lib.zm_gguf_value_end(data, root.size, pos, self._item_type, end):
-                    raise WeightFormatError(f"array item at offset {pos} cannot be decoded")
-                pos = end[0]
+            if lib.zm_gguf_item_offsets(_pointer(root), root.size, self._first, self._item_type,
+                                        self._count, ffi.cast("uint64_t *", offsets.ctypes.data)):
+                raise WeightFormatError(f"array at offset {self._first} cannot be decoded")
             self._offsets = offsets
         return int(self._offsets[i])
 
