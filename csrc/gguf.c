@@ -76,6 +76,7 @@ typedef struct cursor {
     char *err;
     size_t err_len;
     bool failed;
+    bool revisit; /* bytes phase 1 validated: bounds still checked, UTF-8 and bools not */
 } cursor_t;
 
 static bool fail(cursor_t *c, const char *fmt, ...) {
@@ -171,7 +172,8 @@ static bool string(cursor_t *c, uint64_t *off, uint64_t *len, const label_t *wha
                           (unsigned long long)*len);
     *off = c->pos;
     if (!take(c, (size_t)*len, &p)) return false;
-    if (!utf8_valid(p, (size_t)*len)) return fail_named(c, what, "string is not valid UTF-8");
+    if (!c->revisit && !utf8_valid(p, (size_t)*len))
+        return fail_named(c, what, "string is not valid UTF-8");
     return true;
 }
 
@@ -181,6 +183,22 @@ static int shown(uint64_t len) { return len > 80 ? 80 : (int)len; }
 /* ---------------------------------------------------------------- values */
 
 static bool value(cursor_t *c, uint32_t type, int depth, const label_t *key, zm_gguf_kv_t *kv);
+
+/* Past count strings already validated (a revisit): lengths only, bounds still checked.
+ * Tokenizer vocabularies are hundreds of thousands of strings: this loop is the walk. */
+static bool skip_strings(cursor_t *c, uint64_t count) {
+    size_t pos = c->pos;
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t len;
+        if (c->size - pos < 8) return fail(c, "truncated: a string at offset %zu", pos);
+        memcpy(&len, c->data + pos, 8);
+        pos += 8;
+        if (len > c->size - pos) return fail(c, "truncated: a string at offset %zu", pos - 8);
+        pos += (size_t)len;
+    }
+    c->pos = pos;
+    return true;
+}
 
 static bool array(cursor_t *c, int depth, const label_t *key, zm_gguf_kv_t *kv) {
     uint32_t item;
@@ -202,11 +220,12 @@ static bool array(cursor_t *c, int depth, const label_t *key, zm_gguf_kv_t *kv) 
     if (item != T_STRING && item != T_ARRAY) {
         const uint8_t *p = NULL;
         if (!take(c, (size_t)count * scalar_size[item], &p)) return false;
-        if (item == T_BOOL)
+        if (item == T_BOOL && !c->revisit)
             for (uint64_t i = 0; i < count; i++)
                 if (p[i] > 1) return fail_named(c, key, "bool value %u is neither 0 nor 1", p[i]);
         return true;
     }
+    if (item == T_STRING && c->revisit) return skip_strings(c, count);
     for (uint64_t i = 0; i < count; i++)
         if (!value(c, item, depth + 1, key, NULL)) return false;
     return true;
@@ -346,7 +365,7 @@ static bool read_tensor_infos(cursor_t *c, zm_gguf_info_t *info) {
 
 int zm_gguf_header(const uint8_t *data, size_t size, zm_gguf_info_t *info, char *err,
                    size_t err_len) {
-    cursor_t c = {data, size, 0, err, err_len, false};
+    cursor_t c = {data, size, 0, err, err_len, false, false};
     memset(info, 0, sizeof *info);
     if (!read_header(&c, info) || !read_kv_table(&c, info) || !read_tensor_infos(&c, info))
         return ZM_ERR_INVALID_ARG;
@@ -356,7 +375,7 @@ int zm_gguf_header(const uint8_t *data, size_t size, zm_gguf_info_t *info, char 
 /* ---------------------------------------------------------------- decoding records */
 
 int zm_gguf_kv_at(const uint8_t *data, size_t size, uint64_t pos, zm_gguf_kv_t *kv) {
-    cursor_t c = {data, size, 0, NULL, 0, false};
+    cursor_t c = {data, size, 0, NULL, 0, false, true};
     if (pos < HEADER_SIZE || pos >= size) return ZM_ERR_INVALID_ARG;
     c.pos = pos;
     return read_kv(&c, 0, kv) ? ZM_OK : ZM_ERR_INVALID_ARG;
@@ -364,7 +383,7 @@ int zm_gguf_kv_at(const uint8_t *data, size_t size, uint64_t pos, zm_gguf_kv_t *
 
 int zm_gguf_tensor_at(const uint8_t *data, size_t size, const zm_gguf_info_t *info, uint64_t pos,
                       zm_gguf_tensor_t *t) {
-    cursor_t c = {data, size, 0, NULL, 0, false};
+    cursor_t c = {data, size, 0, NULL, 0, false, true};
     if (pos < info->tensors_offset || pos >= size) return ZM_ERR_INVALID_ARG;
     c.pos = pos;
     if (!read_tensor_info(&c, 0, t)) return ZM_ERR_INVALID_ARG;
@@ -375,7 +394,7 @@ int zm_gguf_tensor_at(const uint8_t *data, size_t size, const zm_gguf_info_t *in
 
 int zm_gguf_item_offsets(const uint8_t *data, size_t size, uint64_t first, uint32_t item_type,
                          uint64_t count, uint64_t *offsets) {
-    cursor_t c = {data, size, 0, NULL, 0, false};
+    cursor_t c = {data, size, 0, NULL, 0, false, true};
     const label_t item = {"item ", 0, NULL, 0}; /* no message: err_len is 0 */
     if (first > size) return ZM_ERR_INVALID_ARG;
     c.pos = first;
@@ -476,7 +495,7 @@ static bool index_kv_table(cursor_t *c, const zm_gguf_info_t *info, uint64_t *in
 
 int zm_gguf_parse(const uint8_t *data, size_t size, const zm_gguf_info_t *info,
                   uint64_t *kv_index, uint64_t *tensor_index, char *err, size_t err_len) {
-    cursor_t c = {data, size, 0, err, err_len, false};
+    cursor_t c = {data, size, 0, err, err_len, false, true};
     if (!check_tensor_bounds(&c, info, tensor_index) || !check_tensor_overlaps(&c, info, tensor_index)
         || !check_unique_names(&c, tensor_index, info->n_tensors, "tensor name")
         || !index_kv_table(&c, info, kv_index)

@@ -26,18 +26,24 @@ def sparse(path, head: bytes, size: int):
 
 def load_in_child(path, script: str = "") -> dict:
     """Load ``path`` in a fresh interpreter, run ``script`` on ``w``; the peak RSS growth
-    (KiB), and the error class and message if loading failed."""
+    (KiB: VmHWM after resetting it, minus VmRSS before; mapped pages count), and the
+    error class and message if loading failed."""
     code = f"""
-import json, resource, sys
+import json, sys
 import zigmem as zm
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS to the current one
+before = status("VmRSS:")
 out = {{}}
 try:
     w = zm.load_weights({str(path)!r}, format="gguf")
     {script or "pass"}
 except Exception as e:
     out["error"], out["message"] = type(e).__name__, str(e)
-out["growth_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+out["growth_kib"] = status("VmHWM:") - before
 print(json.dumps(out))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

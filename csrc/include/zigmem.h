@@ -345,8 +345,8 @@ int zm_gguf_header(const uint8_t *data, size_t size, zm_gguf_info_t *info, char 
  * Errors: ZM_ERR_INVALID_ARG, described in err. */
 int zm_gguf_parse(const uint8_t *data, size_t size, const zm_gguf_info_t *info,
                   uint64_t *kv_index, uint64_t *tensor_index, char *err, size_t err_len);
-/* Decode the record at pos of a file that passed zm_gguf_parse (re-validated: a wrong pos
- * gives ZM_ERR_INVALID_ARG, never a wild read). */
+/* Decode the record at pos of a file that passed zm_gguf_parse: bounds are checked again
+ * (a wrong pos gives ZM_ERR_INVALID_ARG, never a wild read), UTF-8 is not. */
 int zm_gguf_kv_at(const uint8_t *data, size_t size, uint64_t pos, zm_gguf_kv_t *kv);
 int zm_gguf_tensor_at(const uint8_t *data, size_t size, const zm_gguf_info_t *info, uint64_t pos,
                       zm_gguf_tensor_t *t);

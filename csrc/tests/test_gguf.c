@@ -75,6 +75,21 @@ int main(void) {
     zm_gguf_tensor_t q = tensors[0], w = tensors[1];
     tensors[0] = w, tensors[1] = q;
 
+    /* A key by name, and the items of its nested array: [[7], []] of u32. */
+    zm_gguf_info_t info;
+    char err[256];
+    uint64_t kv_index[4], tensor_index[2], offsets[2];
+    zm_gguf_kv_t kv;
+    CHECK(zm_gguf_header(file, len, &info, err, sizeof err) == ZM_OK);
+    CHECK(zm_gguf_parse(file, len, &info, kv_index, tensor_index, err, sizeof err) == ZM_OK);
+    int64_t at = zm_gguf_find(file, kv_index, info.n_kv, "nested", 6);
+    CHECK(at >= 0 && zm_gguf_find(file, kv_index, info.n_kv, "nest", 4) == -1);
+    CHECK(zm_gguf_kv_at(file, len, kv_index[at], &kv) == ZM_OK && kv.count == 2 && kv.item_type == 9);
+    CHECK(zm_gguf_item_offsets(file, len, kv.value, kv.item_type, kv.count, offsets) == ZM_OK);
+    CHECK(offsets[0] == kv.value && offsets[1] == kv.value + 12 + 4);
+    CHECK(zm_gguf_item_offsets(file, len, len - 4, 9, 1, offsets) == ZM_ERR_INVALID_ARG);
+    CHECK(zm_gguf_kv_at(file, len, len + 100, &kv) == ZM_ERR_INVALID_ARG);
+
     float out[64];
     CHECK(zm_dequantize(ZM_GGML_F32, file + tensors[0].offset, 64, out) == ZM_OK && out[63] == 63);
     CHECK(zm_dequantize(ZM_GGML_Q8_0, file + tensors[1].offset, 32, out) == ZM_OK);

@@ -52,13 +52,14 @@ class _Source:
     """The mapped bytes and C indexes the lazy tables read. ``release()`` (WeightFile.close)
     drops the tables' hold on the mapping; values already handed out keep their own."""
 
-    __slots__ = ("root", "info", "kv_index", "tensor_index")
+    __slots__ = ("root", "data", "info", "kv_index", "tensor_index")
 
-    def __init__(self, root: np.ndarray, info, kv_index, tensor_index) -> None:
-        self.root, self.info = root, info
+    def __init__(self, root: np.ndarray, data, info, kv_index, tensor_index) -> None:
+        self.root, self.data, self.info = root, data, info
         self.kv_index, self.tensor_index = kv_index, tensor_index
 
     def live(self) -> np.ndarray:
+        """The mapped bytes: ``data`` points into them while the caller holds the result."""
         root = self.root  # one read: a concurrent release() cannot pull it from under us
         if root is None:
             raise UseAfterFreeError("the weight file was closed")
@@ -69,10 +70,10 @@ class _Source:
 
 
 def _pointer(root: np.ndarray):
-    return ffi.cast("const uint8_t *", root.ctypes.data)
+    return ffi.cast("const uint8_t *", root.ctypes.data)  # ctypes is slow: once per object
 
 
-def _find(root: np.ndarray, index, n: int, name) -> int:
+def _find(data, index, n: int, name) -> int:
     """The record position named ``name`` through a sorted C index, or -1."""
     if not isinstance(name, str):
         return -1
@@ -80,7 +81,7 @@ def _find(root: np.ndarray, index, n: int, name) -> int:
         key = name.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates: no record can be named so
         return -1
-    i = lib.zm_gguf_find(_pointer(root), index, n, key, len(key))
+    i = lib.zm_gguf_find(data, index, n, key, len(key))
     return -1 if i < 0 else index[i]
 
 
@@ -103,11 +104,11 @@ class Metadata(Mapping):
             pass
         source = self._source
         root = source.live()
-        pos = _find(root, source.kv_index, source.info.n_kv, key)
+        pos = _find(source.data, source.kv_index, source.info.n_kv, key)
         if pos < 0:
             raise KeyError(key)
         kv = ffi.new("zm_gguf_kv_t *")
-        if lib.zm_gguf_kv_at(_pointer(root), root.size, pos, kv):
+        if lib.zm_gguf_kv_at(source.data, root.size, pos, kv):
             raise WeightFormatError(f"key-value at offset {pos} cannot be decoded")
         value = self._cache[key] = _decode(root, kv)
         return value
@@ -116,7 +117,7 @@ class Metadata(Mapping):
         source = self._source
         yield "GGUF.version"
         root = source.live()
-        buf, data, pos = memoryview(root), _pointer(root), 24
+        buf, data, pos = memoryview(root), source.data, 24
         kv = ffi.new("zm_gguf_kv_t *")
         for _ in range(source.info.n_kv):
             if lib.zm_gguf_kv_at(data, root.size, pos, kv):
@@ -150,16 +151,16 @@ class TensorTable(Mapping):
             pass
         source = self._source
         root = source.live()
-        pos = _find(root, source.tensor_index, source.info.n_tensors, name)
+        pos = _find(source.data, source.tensor_index, source.info.n_tensors, name)
         if pos < 0:
             raise KeyError(name)
-        info = self._cache[name] = _tensor_info(root, source.info, pos)
+        info = self._cache[name] = _tensor_info(root, source.data, source.info, pos)
         return info
 
     def __iter__(self) -> Iterator[str]:
         source = self._source
         root = source.live()
-        buf, data, pos = memoryview(root), _pointer(root), source.info.tensors_offset
+        buf, data, pos = memoryview(root), source.data, source.info.tensors_offset
         t = ffi.new("zm_gguf_tensor_t *")
         for _ in range(source.info.n_tensors):
             if lib.zm_gguf_tensor_at(data, root.size, source.info, pos, t):
@@ -315,13 +316,13 @@ def parse(root: np.ndarray):
     tensor_index = ffi.new("uint64_t[]", max(info.n_tensors, 1))
     if lib.zm_gguf_parse(data, size, info, kv_index, tensor_index, err, 256):
         raise WeightFormatError(ffi.string(err).decode("utf-8", "replace"))
-    source = _Source(root, info, kv_index, tensor_index)
+    source = _Source(root, data, info, kv_index, tensor_index)
     return Metadata(source), TensorTable(source)
 
 
-def _tensor_info(root: np.ndarray, info, pos: int) -> TensorInfo:
+def _tensor_info(root: np.ndarray, data, info, pos: int) -> TensorInfo:
     t = ffi.new("zm_gguf_tensor_t *")
-    if lib.zm_gguf_tensor_at(_pointer(root), root.size, info, pos, t):
+    if lib.zm_gguf_tensor_at(data, root.size, info, pos, t):
         raise WeightFormatError(f"tensor info at offset {pos} cannot be decoded")
     name = str(memoryview(root)[t.name: t.name + t.name_len], "utf-8")
     type_name, np_name = GGML_TYPES[t.type]
