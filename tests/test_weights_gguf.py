@@ -1,7 +1,10 @@
 """load_weights on GGUF: files by the real gguf writer, checked against GGUFReader; the
 dequantize kernels bit-exact against gguf.quants; hostile files built byte by byte."""
 
+import copy
+import pickle
 import struct
+import threading
 
 import gguf
 import numpy as np
@@ -117,6 +120,43 @@ def test_metadata_misses_are_key_errors(reference):
         assert w.metadata.get("t.missing", 7) == 7 and len(w.metadata) == len(list(w.metadata))
 
 
+@pytest.mark.parametrize("how", [copy.copy, copy.deepcopy, pickle.dumps])
+def test_lazy_tables_and_arrays_refuse_copies_naming_their_type(reference, how):
+    with zm.load_weights(reference) as w:
+        md = w.metadata
+        for obj, name in [(md, "Metadata"), (w._infos, "TensorTable"),
+                          (md["t.tokens"], "StringArray"), (md["t.nested"], "NestedArray")]:
+            with pytest.raises(TypeError, match=f"a {name}: "):
+                how(obj)
+        assert pickle.loads(pickle.dumps(dict(md.items()) | {"t.tokens": md["t.tokens"].tolist(),
+                                                             "t.nested": md["t.nested"].tolist()}))
+
+
+def test_lookups_racing_close_see_data_or_use_after_free(reference):
+    names = list(zm.load_weights(reference))
+    errors = []
+
+    def read_all(w):
+        try:
+            for name in names:
+                w[name].tobytes()
+            for key in list(w.metadata):
+                value = w.metadata[key]
+                value.tolist() if hasattr(value, "tolist") else value
+        except zm.UseAfterFreeError:
+            pass
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    for _ in range(100):
+        w = zm.load_weights(reference)
+        thread = threading.Thread(target=read_all, args=(w,))
+        thread.start()
+        w.close()
+        thread.join()
+    assert errors == []
+
+
 def test_close_lets_go_of_the_mapping_even_while_metadata_is_held(reference):
     w = zm.load_weights(reference)
     md, tokens = w.metadata, w.metadata["t.tokens"]
@@ -219,6 +259,7 @@ HOSTILE = [
     (gguf_bytes(tensors=[(b"t", [0, 2**62], F32, 0)]), "tensor t: its size overflows"),
     (gguf_bytes(tensors=[(b"t", [2**61, 0, 4], 24, 0)]), "tensor t: its shape overflows"),
     (gguf_bytes(n_kv=2**61, n_tensors=2**60), "cannot fit"),
+    (gguf_bytes(kvs=[(b"GGUF.version", 4, b"\0" * 4)]), "GGUF.version is reserved"),
 ]
 
 

@@ -13,16 +13,12 @@ from .._residency import resident_bytes
 from ..errors import InvalidArgumentError, UseAfterFreeError, WeightFormatError
 from . import gguf, safetensors
 from .info import TensorInfo
+from .single_owner import SingleOwner
 
 _ADVICE = {None: 0, "sequential": 1, "random": 2, "willneed": 3}
 
 
-def _refuse_copy(obj, what: str):
-    raise TypeError(f"cannot {what} a {type(obj).__name__}: it owns a file mapping, which has "
-                    "one owner; load the file again for another")
-
-
-class _MappedFile:
+class _MappedFile(SingleOwner):
     """Owns one mapping; numpy views hold it (through ``__array_interface__``), so the file
     is unmapped only when the WeightFile is closed *and* the last view has died."""
 
@@ -37,17 +33,8 @@ class _MappedFile:
         # Not at exit: arrays may outlive their owners during interpreter shutdown.
         weakref.finalize(self, lib.zm_unmap, mapping).atexit = False
 
-    def __copy__(self):
-        _refuse_copy(self, "copy")
 
-    def __deepcopy__(self, memo):
-        _refuse_copy(self, "deep-copy")
-
-    def __reduce_ex__(self, protocol):
-        _refuse_copy(self, "pickle")
-
-
-class WeightFile(Mapping):
+class WeightFile(SingleOwner, Mapping):
     """An open weight file: a read-only mapping from tensor names to zero-copy numpy views.
 
     ``w[name]`` views the mapped file directly: loading costs no copy and no time per byte,
@@ -67,15 +54,6 @@ class WeightFile(Mapping):
         self._infos: Mapping[str, TensorInfo] | None = infos
         self._owner, self._root = owner, root
         self.nbytes = root.size
-
-    def __copy__(self):
-        _refuse_copy(self, "copy")
-
-    def __deepcopy__(self, memo):
-        _refuse_copy(self, "deep-copy")
-
-    def __reduce_ex__(self, protocol):
-        _refuse_copy(self, "pickle")
 
     # ------------------------------------------------------------ mapping protocol
 

@@ -24,6 +24,7 @@ from .._binding import ffi, lib
 from ..dtypes import numpy_dtype_named
 from ..errors import UseAfterFreeError, WeightFormatError
 from .info import TensorInfo
+from .single_owner import SingleOwner
 
 # GGUF value types: (struct format, numpy dtype) for scalars.
 _SCALARS = {0: ("<B", "u1"), 1: ("<b", "i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"),
@@ -48,7 +49,7 @@ GGML_TYPES = {
 _u64 = struct.Struct("<Q").unpack_from
 
 
-class _Source:
+class _Source(SingleOwner):
     """The mapped bytes and C indexes the lazy tables read. ``release()`` (WeightFile.close)
     drops the tables' hold on the mapping; values already handed out keep their own."""
 
@@ -85,13 +86,15 @@ def _find(data, index, n: int, name) -> int:
     return -1 if i < 0 else index[i]
 
 
-class Metadata(Mapping):
+class Metadata(SingleOwner, Mapping):
     """A GGUF file's key-values, in file order, each decoded when first read.
 
     ``"GGUF.version"`` comes first. Values: Python scalars and strings; arrays of numbers
     as read-only numpy views of the file; arrays of strings as :class:`StringArray`;
     arrays of arrays as :class:`NestedArray`.
     """
+
+    _instead = "dict(metadata) is a plain copy"
 
     def __init__(self, source: _Source) -> None:
         self._source = source
@@ -136,7 +139,7 @@ class Metadata(Mapping):
         return f"<GGUF metadata: {len(self)} keys>"
 
 
-class TensorTable(Mapping):
+class TensorTable(SingleOwner, Mapping):
     """A GGUF file's tensor infos: name -> :class:`TensorInfo`, in file order, decoded
     when first asked for (and then kept)."""
 
@@ -186,11 +189,12 @@ def _plain(value):
     return value
 
 
-class _LazyArray(Sequence):
+class _LazyArray(SingleOwner, Sequence):
     """Items of a GGUF array at ``first`` in ``root`` (which it keeps mapped), decoded on
     use; variable-size items (strings, arrays) are located by one walk, on first use."""
 
     _item_type: int
+    _instead = "tolist() is a plain copy"
 
     def __init__(self, root: np.ndarray, first: int, count: int) -> None:
         self._root, self._first, self._count = root, first, count
@@ -316,6 +320,8 @@ def parse(root: np.ndarray):
     tensor_index = ffi.new("uint64_t[]", max(info.n_tensors, 1))
     if lib.zm_gguf_parse(data, size, info, kv_index, tensor_index, err, 256):
         raise WeightFormatError(ffi.string(err).decode("utf-8", "replace"))
+    if _find(data, kv_index, info.n_kv, "GGUF.version") >= 0:  # it would shadow the header's
+        raise WeightFormatError("key GGUF.version is reserved for the header's version")
     source = _Source(root, data, info, kv_index, tensor_index)
     return Metadata(source), TensorTable(source)
 
