@@ -157,9 +157,12 @@ def test_failing_loads_leave_no_mapping_and_no_descriptor(tmp_path):
     bad.write_bytes(b"\x10" + b"\0" * 7 + b'{"a": [1, 2]}   ' + b"\0" * 4096)
     missing = tmp_path / "missing.gguf"
     before = held(bad), held()[1]
+    kept = []  # exceptions kept, with their tracebacks, must not keep the file mapped
     for _ in range(200):
-        with pytest.raises(zm.WeightFormatError):
+        with pytest.raises(zm.WeightFormatError) as caught:
             zm.load_weights(bad)
-        with pytest.raises(FileNotFoundError):
+        kept.append(caught.value)
+        with pytest.raises(FileNotFoundError) as caught:
             zm.load_weights(missing)
+        kept.append(caught.value)
     assert (held(bad), held()[1]) == before
