@@ -109,6 +109,8 @@ def test_nested_arrays_decode_lazily(reference):
         assert nested[0:1] == [[1, 2]] and nested != [[1, 2], [4]] and "NestedArray" in repr(nested)
         with pytest.raises(IndexError):
             nested[2]
+        with pytest.raises(TypeError):
+            nested["0"]
 
 
 def test_metadata_misses_are_key_errors(reference):

@@ -15,6 +15,7 @@ are raw uint8 views, one row per innermost row of blocks, ``[*dims[:0:-1], row_b
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -218,7 +219,7 @@ class _LazyArray(SingleOwner, Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self._item(k) for k in range(*i.indices(self._count))]
-        k = i.__index__()
+        k = operator.index(i)  # TypeError for a non-integer, as a list would
         if not -self._count <= k < self._count:
             raise IndexError(f"index {i} out of range for {self._count} items")
         return self._item(k % self._count)
