@@ -22,10 +22,10 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from .._binding import ffi, lib
+from .._ownership import OwnsCState
 from ..dtypes import numpy_dtype_named
 from ..errors import UseAfterFreeError, WeightFormatError
 from .info import TensorInfo
-from .single_owner import SingleOwner
 
 # GGUF value types: (struct format, numpy dtype) for scalars.
 _SCALARS = {0: ("<B", "u1"), 1: ("<b", "i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"),
@@ -50,7 +50,7 @@ GGML_TYPES = {
 _u64 = struct.Struct("<Q").unpack_from
 
 
-class _Source(SingleOwner):
+class _Source(OwnsCState):
     """The mapped bytes and C indexes the lazy tables read. ``release()`` (WeightFile.close)
     drops the tables' hold on the mapping; values already handed out keep their own."""
 
@@ -87,15 +87,13 @@ def _find(data, index, n: int, name) -> int:
     return -1 if i < 0 else index[i]
 
 
-class Metadata(SingleOwner, Mapping):
+class Metadata(OwnsCState, Mapping):
     """A GGUF file's key-values, in file order, each decoded when first read.
 
     ``"GGUF.version"`` comes first. Values: Python scalars and strings; arrays of numbers
     as read-only numpy views of the file; arrays of strings as :class:`StringArray`;
     arrays of arrays as :class:`NestedArray`.
     """
-
-    _instead = "dict(metadata) is a plain copy"
 
     def __init__(self, source: _Source) -> None:
         self._source = source
@@ -140,7 +138,7 @@ class Metadata(SingleOwner, Mapping):
         return f"<GGUF metadata: {len(self)} keys>"
 
 
-class TensorTable(SingleOwner, Mapping):
+class TensorTable(OwnsCState, Mapping):
     """A GGUF file's tensor infos: name -> :class:`TensorInfo`, in file order, decoded
     when first asked for (and then kept)."""
 
@@ -190,12 +188,11 @@ def _plain(value):
     return value
 
 
-class _LazyArray(SingleOwner, Sequence):
+class _LazyArray(OwnsCState, Sequence):
     """Items of a GGUF array at ``first`` in ``root`` (which it keeps mapped), decoded on
     use; variable-size items (strings, arrays) are located by one walk, on first use."""
 
     _item_type: int
-    _instead = "tolist() is a plain copy"
 
     def __init__(self, root: np.ndarray, first: int, count: int) -> None:
         self._root, self._first, self._count = root, first, count
