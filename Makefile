@@ -44,6 +44,7 @@ bench: install
 	$(PY) bench/bench_kv_cache.py
 	$(PY) bench/bench_weights.py
 	$(PY) bench/bench_quant.py
+	$(PY) bench/bench_weights_hostile.py
 	$(PY) bench/bench_demo.py
 
 ## make sanitize: the C tests under AddressSanitizer + UBSan

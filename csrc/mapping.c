@@ -21,14 +21,21 @@ int zm_map_file(const char *path, unsigned flags, int advice, zm_mapping_t *out)
     static const int advices[] = {0, MADV_SEQUENTIAL, MADV_RANDOM, MADV_WILLNEED};
     out->addr = 0;
     out->size = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         zm_fail(ZM_ERR_INVALID_ARG, 0, 0, errno);
         return ZM_ERR_INVALID_ARG;
     }
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        zm_fail(ZM_ERR_INVALID_ARG, 0, 0, errno ? errno : EINVAL);
+    if (fstat(fd, &st) != 0) {
+        zm_fail(ZM_ERR_INVALID_ARG, 0, 0, errno);
+        close(fd);
+        return ZM_ERR_INVALID_ARG;
+    }
+    if (!S_ISREG(st.st_mode)) { /* a directory is EISDIR, as open() says; others: their type */
+        zm_fail(ZM_ERR_INVALID_ARG, 0, 0, S_ISDIR(st.st_mode) ? EISDIR : 0);
+        zm_last_report()->detail = (int)(st.st_mode & S_IFMT);
         close(fd);
         return ZM_ERR_INVALID_ARG;
     }

@@ -5,17 +5,6 @@ typedef struct { uintptr_t addr; size_t size; } zm_mapping_t;
 #define ZM_MAP_LOCK ...
 int zm_map_file(const char *path, unsigned flags, int advice, zm_mapping_t *out);
 void zm_unmap(zm_mapping_t *m);
-typedef struct { uint32_t version; uint64_t n_tensors; uint64_t n_kv; uint64_t alignment;
-                 uint64_t data_offset; } zm_gguf_info_t;
-typedef struct { uint64_t key; uint64_t key_len; uint32_t type; uint32_t item_type;
-                 uint64_t value; uint64_t count; uint64_t end; } zm_gguf_kv_t;
-typedef struct { uint64_t name; uint64_t name_len; uint32_t n_dims; uint32_t type;
-                 uint64_t dims[4]; uint64_t offset; uint64_t nbytes; } zm_gguf_tensor_t;
-int zm_gguf_header(const uint8_t *data, size_t size, zm_gguf_info_t *info, char *err,
-                   size_t err_len);
-int zm_gguf_parse(const uint8_t *data, size_t size, zm_gguf_info_t *info, zm_gguf_kv_t *kvs,
-                  zm_gguf_tensor_t *tensors, void *scratch, char *err, size_t err_len);
-bool zm_ggml_type_size(uint32_t type, uint32_t *block, uint32_t *bytes);
 int zm_dequantize(uint32_t type, const void *src, size_t n, float *dst);
 #define ZM_GGML_F32 ...
 #define ZM_GGML_F16 ...

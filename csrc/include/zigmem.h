@@ -85,7 +85,8 @@ typedef struct zm_report {
     size_t index;         /* ZM_ERR_INDUCED: the failing allocator's fail index */
     uint64_t alloc_site;  /* caller-provided site ids (general-purpose allocator) */
     uint64_t free_site;
-    int detail;           /* zm_free_detail_t, for ZM_ERR_INVALID_FREE */
+    int detail;           /* zm_free_detail_t for ZM_ERR_INVALID_FREE; S_IFMT type of a
+                             file zm_map_file refused as not regular */
     size_t given;         /* the size or alignment an invalid free passed */
     size_t more;          /* further errors found after this one and not reported */
 } zm_report_t;
@@ -396,43 +397,64 @@ typedef struct zm_mapping {
 enum { ZM_MAP_WRITABLE = 1u << 0, ZM_MAP_POPULATE = 1u << 1, ZM_MAP_LOCK = 1u << 2 };
 enum { ZM_ADVICE_NONE = 0, ZM_ADVICE_SEQUENTIAL = 1, ZM_ADVICE_RANDOM = 2, ZM_ADVICE_WILLNEED = 3 };
 
-/* An empty file maps to {0, 0}. Failures: status, with errno / the memlock limit reported. */
+/* An empty file maps to {0, 0}. Failures: status, with errno / the memlock limit reported;
+ * a path that is not a regular file is ZM_ERR_INVALID_ARG with its S_IFMT type in detail
+ * (and sys_errno EISDIR for a directory). Never blocks on a FIFO. */
 int zm_map_file(const char *path, unsigned flags, int advice, zm_mapping_t *out);
 void zm_unmap(zm_mapping_t *m);
 
-/* GGUF (see gguf.c for the byte layout). Offsets are absolute in the file. */
+/* GGUF (see gguf.c for the byte layout and the phases). Records are found by their file
+ * position ("pos"); offsets in decoded records are absolute in the file. */
 typedef struct zm_gguf_info {
     uint32_t version;
     uint64_t n_tensors, n_kv;
     uint64_t alignment;
+    uint64_t tensors_offset; /* the first tensor info (the first key-value is at 24) */
     uint64_t data_offset;
 } zm_gguf_info_t;
 
 typedef struct zm_gguf_kv {
+    uint64_t pos;       /* the record */
     uint64_t key, key_len;
     uint32_t type;      /* GGUF value type */
     uint32_t item_type; /* arrays: the items' type */
     uint64_t value;     /* offset of the value; of the first item for arrays; of the bytes
                            for strings */
     uint64_t count;     /* arrays: items; strings: bytes */
-    uint64_t end;       /* offset just past the value */
+    uint64_t end;       /* offset just past the value: the next record */
 } zm_gguf_kv_t;
 
 typedef struct zm_gguf_tensor {
+    uint64_t pos;          /* the record */
     uint64_t name, name_len;
     uint32_t n_dims, type; /* ggml type */
     uint64_t dims[4];      /* dims[0] varies fastest */
     uint64_t offset;
     uint64_t nbytes;
+    uint64_t end;          /* the next record */
 } zm_gguf_tensor_t;
 
-/* Check the magic, version and counts (against the file size). */
+/* Phase 1: the magic, the version, the counts against the file size, then every key-value
+ * and tensor info walked and validated; fills info. Nothing is stored: the caller can then
+ * size the indexes (one u64 per record) knowing every counted record exists. */
 int zm_gguf_header(const uint8_t *data, size_t size, zm_gguf_info_t *info, char *err,
                    size_t err_len);
-/* Fill kvs[n_kv] and tensors[n_tensors], validating everything; scratch holds
- * max(n_kv, n_tensors) * 24 bytes. Errors: ZM_ERR_INVALID_ARG, described in err. */
-int zm_gguf_parse(const uint8_t *data, size_t size, zm_gguf_info_t *info, zm_gguf_kv_t *kvs,
-                  zm_gguf_tensor_t *tensors, void *scratch, char *err, size_t err_len);
+/* Phase 3: tensor data inside the file and not overlapping, names and keys unique. Fills
+ * kv_index[n_kv] and tensor_index[n_tensors] with record positions sorted by name.
+ * Errors: ZM_ERR_INVALID_ARG, described in err. */
+int zm_gguf_parse(const uint8_t *data, size_t size, const zm_gguf_info_t *info,
+                  uint64_t *kv_index, uint64_t *tensor_index, char *err, size_t err_len);
+/* Decode the record at pos of a file that passed zm_gguf_parse: bounds are checked again
+ * (a wrong pos gives ZM_ERR_INVALID_ARG, never a wild read), UTF-8 is not. */
+int zm_gguf_kv_at(const uint8_t *data, size_t size, uint64_t pos, zm_gguf_kv_t *kv);
+int zm_gguf_tensor_at(const uint8_t *data, size_t size, const zm_gguf_info_t *info, uint64_t pos,
+                      zm_gguf_tensor_t *t);
+/* Where each of count items of item_type starting at first begins (nested arrays). */
+int zm_gguf_item_offsets(const uint8_t *data, size_t size, uint64_t first, uint32_t item_type,
+                         uint64_t count, uint64_t *offsets);
+/* The position in index (sorted by zm_gguf_parse) of the record named name, or -1. */
+int64_t zm_gguf_find(const uint8_t *data, const uint64_t *index, uint64_t n, const char *name,
+                     size_t name_len);
 bool zm_ggml_type_size(uint32_t type, uint32_t *block, uint32_t *bytes);
 
 enum { ZM_GGML_F32 = 0, ZM_GGML_F16 = 1, ZM_GGML_Q4_0 = 2, ZM_GGML_Q4_1 = 3, ZM_GGML_Q5_0 = 6,
