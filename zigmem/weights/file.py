@@ -16,7 +16,8 @@ from . import gguf, safetensors
 from .info import TensorInfo
 from .quantized_matrix import QuantizedMatrix, dequantize_bytes, type_id
 
-_ADVICE = {None: 0, "sequential": 1, "random": 2, "willneed": 3}
+_ADVICE = {None: lib.ZM_ADVICE_NONE, "sequential": lib.ZM_ADVICE_SEQUENTIAL,
+           "random": lib.ZM_ADVICE_RANDOM, "willneed": lib.ZM_ADVICE_WILLNEED}
 
 
 class _MappedFile(OwnsCState):
