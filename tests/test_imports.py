@@ -1,6 +1,8 @@
 """The import rules of zigmem/, read from its source with ast: only _binding imports the
 compiled extension, and no module imports one that imports it back (also through imports
-inside functions), so the layers the README describes are the ones the imports show."""
+inside functions), so the layers the README describes are the ones the imports show.
+Imports under ``if TYPE_CHECKING:`` are for the type checker only (they never run), so
+they are not part of the layers."""
 
 import ast
 import pathlib
@@ -15,12 +17,31 @@ def module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and (
+        (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+        or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING"))
+
+
+def runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` except the bodies of ``if TYPE_CHECKING:`` blocks."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if is_type_checking(child):
+                todo.extend(child.orelse)  # an else branch runs
+            else:
+                todo.append(child)
+
+
 def imports_of(path: pathlib.Path) -> set[str]:
-    """zigmem modules ``path`` imports, at any depth of its code."""
+    """zigmem modules ``path`` imports when it runs, at any depth of its code."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("zigmem")}
         elif isinstance(node, ast.ImportFrom):
@@ -74,6 +95,14 @@ def test_no_import_cycles():
 def test_parsers_know_only_tensor_info():
     for parser in ("zigmem.weights.gguf", "zigmem.weights.safetensors"):
         assert not GRAPH[parser] & {"zigmem.weights.file", "zigmem.weights.quantized_matrix"}
+
+
+def test_type_checking_imports_do_not_count():
+    tree = ast.parse("from typing import TYPE_CHECKING\nimport zigmem.a\n"
+                     "if TYPE_CHECKING:\n    import zigmem.b\nelse:\n    import zigmem.c\n"
+                     "def f():\n    import zigmem.d\n")
+    names = {a.name for n in runtime_nodes(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert names == {"zigmem.a", "zigmem.c", "zigmem.d"}
 
 
 def test_the_core_does_not_import_the_demo():

@@ -8,7 +8,7 @@ import sys
 from .errors import WeightFormatError
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zigmem", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="print a safetensors / GGUF file's metadata and tensors")

@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any, NoReturn, SupportsIndex, TypeAlias
 
 from . import _sites, _zigmem, errors
 from ._format import format_address, format_bytes
 from ._zigmem import ffi, lib
 
 __all__ = [
-    "ffi", "lib", "failure", "raise_failure", "mapping_failure", "check_size", "check_alignment",
+    "CData", "ffi", "lib", "failure", "raise_failure", "mapping_failure", "check_size", "check_alignment",
     "SIZE_MAX", "extension_path", "TRACEMALLOC_DOMAIN",
 ]
+
+
+# A cffi pointer, array or struct (``zm_guard_t *``, ``zm_report_t``, ...). cffi's objects are
+# typed by the C declarations, which no Python stub can follow: the alias names the intent.
+CData: TypeAlias = Any
 
 
 def extension_path() -> str:
     """The compiled extension's file, for the few functions that take Python objects and
     are reached through ctypes.PyDLL (the numpy bridge)."""
-    return _zigmem.__file__
+    path: str = _zigmem.__file__
+    return path
 
 SIZE_MAX = int(ffi.cast("size_t", -1))
 
@@ -33,7 +40,7 @@ TRACEMALLOC_DOMAIN = lib.ZM_TRACEMALLOC_DOMAIN
 lib.zm_py_trace_install()
 
 
-def _oom_message(what: str, report) -> str:
+def _oom_message(what: str, report: CData) -> str:
     size = report.size
     if report.code == lib.ZM_ERR_TOO_LARGE:
         return f"{what}: {size} bytes is too large (the size computation overflows)"
@@ -54,11 +61,11 @@ def _oom_message(what: str, report) -> str:
     return f"{what}: out of memory allocating {format_bytes(size)}{detail}"
 
 
-def _block(report) -> str:
+def _block(report: CData) -> str:
     return f"block {format_address(report.address)} ({format_bytes(report.size)})"
 
 
-def _sites_of(report, again: int = 0) -> str:
+def _sites_of(report: CData, again: int = 0) -> str:
     text = f"; allocated at {_sites.describe(report.alloc_site)}"
     if report.free_site:
         text += f"; {'first ' if again else ''}freed at {_sites.describe(report.free_site)}"
@@ -67,7 +74,7 @@ def _sites_of(report, again: int = 0) -> str:
     return text
 
 
-def _invalid_free(what: str, report) -> str:
+def _invalid_free(what: str, report: CData) -> str:
     detail = report.detail
     if detail == lib.ZM_FREE_INTERIOR_POINTER:
         return (f"{what}: invalid free: the pointer is {report.offset} bytes inside "
@@ -82,7 +89,7 @@ def _invalid_free(what: str, report) -> str:
             "returned it (or it was freed long ago and left the quarantine)")
 
 
-def failure(what: str, site: int = 0, report=None) -> Exception:
+def failure(what: str, site: int = 0, report: CData | None = None) -> Exception:
     """The exception for the calling thread's last C failure (or for ``report``). ``what``
     names the call and ``site`` (a zigmem._sites id) where it was made."""
     if report is None:
@@ -145,12 +152,12 @@ def mapping_failure(what: str, path: str | bytes) -> Exception:
     return failure(what)
 
 
-def raise_failure(what: str, site: int = 0) -> None:
+def raise_failure(what: str, site: int = 0) -> NoReturn:
     """Raise :func:`failure` for the calling thread's last C failure."""
     raise failure(what, site)
 
 
-def check_size(value, name: str) -> int:
+def check_size(value: SupportsIndex, name: str) -> int:
     """An integer size that fits in size_t, or InvalidArgumentError naming it."""
     try:
         n = value.__index__()
@@ -165,7 +172,7 @@ def check_size(value, name: str) -> int:
     return n
 
 
-def check_alignment(value) -> int:
+def check_alignment(value: SupportsIndex) -> int:
     n = check_size(value, "alignment")
     if n == 0 or n & (n - 1):
         raise errors.InvalidArgumentError(f"alignment {n} is not a power of two")

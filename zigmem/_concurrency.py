@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TypeVar
 
-def snapshot(items) -> list:
+_T = TypeVar("_T")
+
+
+def snapshot(items: Iterable[_T]) -> list[_T]:
     """A list of ``items`` (a WeakSet, a dict's values, ...) even while other threads add to
     or drop from it: iteration raises ``RuntimeError: ... changed size during iteration``
     when that happens mid-way, and a retry sees the next state."""

@@ -8,25 +8,27 @@ and pickling all raise ``TypeError`` naming the type; share the object itself in
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 
 class OwnsCState:
     """Mixin for every zigmem type that owns C state."""
 
     __slots__ = ()
 
-    def _refuse(self, what: str):
+    def _refuse(self, what: str) -> NoReturn:
         raise TypeError(f"cannot {what} a {type(self).__name__}: it owns C state (memory, a "
                         "mapping or an allocator), which must have exactly one owner; pass "
                         "the object itself around instead")
 
-    def __copy__(self):
+    def __copy__(self) -> NoReturn:
         self._refuse("copy")
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: object) -> NoReturn:
         self._refuse("deep-copy")
 
-    def __reduce_ex__(self, protocol):
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
         self._refuse("pickle")
 
-    def __getstate__(self):
+    def __getstate__(self) -> NoReturn:
         self._refuse("pickle")

@@ -18,15 +18,20 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+from types import CodeType, FrameType
+from typing import Union
 
 from ._concurrency import snapshot
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _getframe = sys._getframe
 
+# A site's frames: (code, instruction offset) pairs while retained, else their text.
+_Frames = Union[tuple[tuple[CodeType, int], ...], tuple[str, ...]]
+
 _internal: dict[int, bool] = {}   # id(code) -> inside zigmem?
-_ids: dict[tuple, int] = {}       # (id(code), offset, ...) or (text, ...) -> site id
-_frames: dict[int, tuple] = {0: ()}  # site id -> ((code, offset), ...) while retained, so
+_ids: dict[tuple[int | str, ...], int] = {}  # (id(code), offset, ...) or (text, ...) -> site id
+_frames: dict[int, _Frames] = {0: ()}  # site id -> ((code, offset), ...) while retained, so
                                      # an id(code) in a known key always means that code;
                                      # else -> ("file:line in function", ...)
 _counter = itertools.count(1)
@@ -52,7 +57,7 @@ def release() -> None:
     _internal.clear()
 
 
-def _is_internal(code) -> bool:
+def _is_internal(code: CodeType) -> bool:
     internal = _internal.get(id(code))
     if internal is None:
         internal = _internal[id(code)] = code.co_filename.startswith(_PACKAGE_DIR)
@@ -63,37 +68,39 @@ def here(frames: int) -> int:
     """The id of the calling stack's innermost ``frames`` frames outside zigmem (0 if none)."""
     if frames <= 0:
         return 0
-    f = _getframe(1)
+    f: FrameType | None = _getframe(1)
     while f is not None and _is_internal(f.f_code):
         f = f.f_back
-    key = []
-    codes = []
+    ids: list[int] = []
+    codes: list[tuple[CodeType, int]] = []
     while f is not None and len(codes) < frames:
         code = f.f_code
-        key += (id(code), f.f_lasti)
+        ids += (id(code), f.f_lasti)
         codes.append((code, f.f_lasti))
         f = f.f_back
+    key: tuple[int | str, ...]
+    texts: tuple[str, ...] | None = None
     if _users:
-        key = tuple(key)
+        key = tuple(ids)
     else:  # no code object is pinned: the key is the text itself
-        codes = [_text(code, offset) for code, offset in codes]
-        key = tuple(codes)
+        texts = tuple([_text(code, offset) for code, offset in codes])
+        key = texts
     site = _ids.get(key)
     if site is None:
         new = next(_counter)
-        _frames[new] = tuple(codes)
+        _frames[new] = tuple(codes) if texts is None else texts
         site = _ids.setdefault(key, new)
     return site
 
 
-def _line(code, offset: int) -> int | None:
+def _line(code: CodeType, offset: int) -> int | None:
     for start, end, line in code.co_lines():
         if start <= offset < end:
             return line
     return code.co_firstlineno
 
 
-def _text(code, offset: int) -> str:
+def _text(code: CodeType, offset: int) -> str:
     return f"{code.co_filename}:{_line(code, offset)} in {code.co_name}"
 
 

@@ -27,9 +27,12 @@ How liveness is kept (the README's promise table):
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 from . import _sites
-from ._binding import check_alignment, check_size, failure, ffi, lib
+from ._binding import CData, check_alignment, check_size, failure, ffi, lib
 from ._concurrency import snapshot
 from ._format import format_address, format_bytes
 from ._ownership import OwnsCState
@@ -43,6 +46,11 @@ from .errors import (
     MemorySafetyError,
     UseAfterFreeError,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from .buffer import _ViewOwner
 
 _guard_alloc = lib.zm_guard_alloc
 _guard_free = lib.zm_guard_free
@@ -61,21 +69,22 @@ class Allocator(OwnsCState):
             the child must not be reset under it.
     """
 
-    thread_safe = False
-    retains_child_memory = False
-    _g = None          # the guard (zm_guard_t *), set by __init__
-    _gen_seen = 0
-    _pinned_by = None  # a C user that holds the allocator for good (the kernel pool)
-    _site_frames = 0   # Python frames recorded per allocation (0: none)
-    _live = None       # id -> Buffer, while site tracking is on (testing's sweep)
+    thread_safe: bool = False
+    retains_child_memory: bool = False
+    _g: CData = None          # the guard (zm_guard_t *), set by __init__
+    _gen_seen: int = 0
+    _pinned_by: str | None = None  # a C user that holds the allocator for good (the kernel pool)
+    _site_frames: int = 0   # Python frames recorded per allocation (0: none)
+    _live: dict[int, Buffer] | None = None  # id -> Buffer, while site tracking is on (testing's sweep)
 
-    def __new__(cls, *args, **kwargs):
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         if cls is Allocator:
             raise TypeError("zm.Allocator is the interface every allocator shares and cannot "
                             "be instantiated; use PageAllocator, ArenaAllocator, ...")
         return super().__new__(cls)
 
-    def __init__(self, inner, children: tuple[Allocator, ...] = (), guard_init=None) -> None:
+    def __init__(self, inner: CData, children: tuple[Allocator, ...] = (),
+                 guard_init: Callable[[CData], None] | None = None) -> None:
         """``inner``: the subclass's ``zm_allocator_t *``; ``children``: what it wraps (checked
         with :meth:`_wrap` before the subclass read them); ``guard_init(guard)``: for C
         allocators that bring their own guard hooks (the GPA)."""
@@ -93,9 +102,9 @@ class Allocator(OwnsCState):
         self._c = ffi.new("zm_allocator_t *")
         lib.zm_guard_allocator(self._g, self._c)
         self._children = tuple(children)
-        self._parents: list[weakref.ref] = []  # allocators that wrap this one
-        self._views: weakref.WeakSet = weakref.WeakSet()  # view owners of its Buffers
-        self._numpy_bridge = None  # created by the first numpy() block
+        self._parents: list[weakref.ref[Allocator]] = []  # allocators that wrap this one
+        self._views: weakref.WeakSet[_ViewOwner] = weakref.WeakSet()  # view owners of its Buffers
+        self._numpy_bridge: NumpyBridge | None = None  # created by the first numpy() block
         self._collect_when_unused = False
         for child in self._children:
             child._parents.append(weakref.ref(self))
@@ -106,7 +115,7 @@ class Allocator(OwnsCState):
         self._pinned_by = user
 
     @staticmethod
-    def _wrap(child, name: str = "child") -> Allocator:
+    def _wrap(child: object, name: str = "child") -> Allocator:
         """``child`` if it is an open zigmem allocator a wrapper may use, else the error."""
         if not isinstance(child, Allocator):
             raise InvalidArgumentError(f"{name} must be a zigmem allocator, not {type(child).__name__}")
@@ -236,7 +245,7 @@ class Allocator(OwnsCState):
             self._relive(buf, new)
         return new
 
-    def _claim(self, buf: Buffer):
+    def _claim(self, buf: Buffer) -> tuple[CData, int]:
         """Mark ``buf`` as being changed by C and give C the record to write the result to;
         whatever lands in Python after the C call, ``_settle`` makes the Buffer agree."""
         rec = ffi.new("zm_block_t *", (buf._address, buf._nbytes, buf._alignment, 0))
@@ -245,7 +254,8 @@ class Allocator(OwnsCState):
         buf._gen = _MOVING
         return rec, gen
 
-    def _moved(self, buf: Buffer, new_nbytes: int, copy: bool, action: str):
+    def _moved(self, buf: Buffer, new_nbytes: int, copy: bool,
+               action: str) -> tuple[CData, int, int]:
         """Move ``buf``'s block in C: (record, generation, site) with ``buf`` still claimed,
         or (None, ...) with ``buf`` settled when remap cannot move without a copy."""
         self._check_release(buf, action)
@@ -262,6 +272,7 @@ class Allocator(OwnsCState):
 
     def _relive(self, old: Buffer, new: Buffer) -> None:
         """Site tracking after a move: ``old`` gone, ``new`` live."""
+        assert self._live is not None  # only called while tracking sites
         self._live.pop(id(old), None)
         self._live[id(new)] = new
 
@@ -276,8 +287,11 @@ class Allocator(OwnsCState):
 
     # ------------------------------------------------------------ releases
 
-    def deinit(self) -> None:
+    def deinit(self) -> str | None:
         """Release everything this allocator holds. Idempotent.
+
+        Returns:
+            None; a :class:`GeneralPurposeAllocator` returns its leak verdict.
 
         Raises:
             DanglingViewError: numpy views of its memory are alive (nothing is released).
@@ -285,7 +299,7 @@ class Allocator(OwnsCState):
                 calling context is inside one of its ``numpy()`` blocks.
         """
         if self._closed:
-            return
+            return None
         users = [p._describe() for p in self._open_parents()]
         if self._pinned_by:
             users.append(self._pinned_by)
@@ -299,6 +313,7 @@ class Allocator(OwnsCState):
                 f"cannot deinit {self._describe()} inside its own `with numpy()` block: numpy "
                 "would allocate from it after the deinit; leave the block first")
         self._close()
+        return None
 
     def _close(self) -> None:
         """Release the C state and let go of the children (deinit, or collection)."""
@@ -306,8 +321,8 @@ class Allocator(OwnsCState):
         self._after_close()
         self._detach()
 
-    def _release(self, action: str, error: type[DanglingViewError], chain, c_release,
-                 *args) -> int:
+    def _release(self, action: str, error: type[DanglingViewError], chain: Sequence[Allocator],
+                 c_release: Callable[..., int], *args: Any) -> int:
         """Run ``c_release(guards, holds, n, *args)`` over ``chain`` (ancestors newest first,
         then self) once nothing numpy can reach is left in any of them; its status."""
         if len(chain) == 1:  # the usual case, without building arrays
@@ -368,7 +383,7 @@ class Allocator(OwnsCState):
                 child._collect_when_unused = False
                 _close_quietly(child)
 
-    def numpy(self):
+    def numpy(self) -> AbstractContextManager[Self]:
         """Serve numpy's own data allocations from this allocator inside a ``with`` block.
 
         Every numpy data buffer made in the block (``np.empty``, ufunc and matmul outputs,
@@ -394,10 +409,10 @@ class Allocator(OwnsCState):
             bridge = self._numpy_bridge = NumpyBridge(self)
         return bridge.serve(self, _here(self._site_frames or 1))
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.deinit()
 
     def __del__(self) -> None:
@@ -415,9 +430,10 @@ class Allocator(OwnsCState):
 
     # ------------------------------------------------------------ hooks for subclasses
 
-    def _c_deinit(self, guards, holds, n: int) -> int:
+    def _c_deinit(self, guards: CData, holds: CData, n: int) -> int:
         """The C release for deinit; by default the C state holds nothing to give back."""
-        return lib.zm_py_close(guards, holds, n)
+        status: int = lib.zm_py_close(guards, holds, n)
+        return status
 
     def _after_close(self) -> None:
         """Python-side cleanup after the C state was released (a caller's buffer)."""
@@ -472,7 +488,7 @@ class Allocator(OwnsCState):
                 "drop them (del the arrays) first")
         buf._owner = None  # dead, if it was set: the hot paths test for None
 
-    def _check_no_views(self, chain, action: str, error: type[DanglingViewError]) -> None:
+    def _check_no_views(self, chain: Sequence[Allocator], action: str, error: type[DanglingViewError]) -> None:
         """Refuse ``action`` while numpy can still reach memory of any allocator in
         ``chain``: views of its Buffers, or arrays numpy allocated from it."""
         for a in chain:
@@ -492,7 +508,7 @@ class Allocator(OwnsCState):
                 f"cannot {action} {self._describe()}: numpy arrays still view {len(owners)} "
                 f"{whose}: {sizes}{more}; nothing was released")
 
-    def _note_view(self, owner) -> None:
+    def _note_view(self, owner: _ViewOwner) -> None:
         """Register a view owner of one of our Buffers, then count it in C: a release that
         looked before this call sees the count change and looks again."""
         self._views.add(owner)
@@ -518,6 +534,7 @@ class Allocator(OwnsCState):
 def _settle(buf: Buffer) -> None:
     """Make a claimed Buffer agree with the record C wrote: the moved or resized block if
     the C call completed, else the block as it was."""
+    assert buf._rec is not None  # claimed: _claim set it
     rec, gen = buf._rec
     buf._address = rec.address
     buf._nbytes = rec.nbytes

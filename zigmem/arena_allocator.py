@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._binding import check_size, ffi, lib
+from ._binding import CData, check_size, ffi, lib
 from .allocator import Allocator
 from .errors import ArenaEscapeError, InvalidArgumentError
 from .page_allocator import page_allocator
@@ -48,7 +48,8 @@ class ArenaAllocator(Allocator):
     @property
     def capacity(self) -> int:
         """Bytes the arena can hand out without asking its child for more (0 once deinit)."""
-        return lib.zm_py_arena_capacity(self._g, self._state)
+        capacity: int = lib.zm_py_arena_capacity(self._g, self._state)
+        return capacity
 
     def reset(self, mode: str = "retain_capacity", limit: int | None = None) -> bool:
         """Release every allocation at once.
@@ -81,8 +82,9 @@ class ArenaAllocator(Allocator):
                       self._state, _MODES[mode], limit or 0, retained)
         return bool(retained[0])
 
-    def _c_deinit(self, guards, holds, n: int) -> int:
-        return lib.zm_py_arena_deinit(guards, holds, n, self._state)
+    def _c_deinit(self, guards: CData, holds: CData, n: int) -> int:
+        status: int = lib.zm_py_arena_deinit(guards, holds, n, self._state)
+        return status
 
     def __repr__(self) -> str:
         return f"ArenaAllocator(child={self.child!r}, capacity={self.capacity})"

@@ -14,11 +14,17 @@ thread is decided on the right side of it.
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ._format import format_address, format_bytes
 from ._ownership import OwnsCState
+
+if TYPE_CHECKING:
+    from ._binding import CData
+    from .allocator import Allocator
 
 _FREED = -1   # Buffer._gen of a block given back with free()
 _MOVING = -2  # Buffer._gen while C changes the block (resize, remap, realloc): see _rec
@@ -28,6 +34,9 @@ class _ViewOwner:
     """What numpy views of a Buffer hold on to; alive exactly while any view is."""
 
     __slots__ = ("__array_interface__", "buffer", "__weakref__")
+
+    buffer: Buffer
+    __array_interface__: dict[str, Any]
 
     def __init__(self, buffer: Buffer) -> None:
         self.buffer = buffer  # keeps the Buffer, hence its allocator, alive under the views
@@ -63,12 +72,33 @@ class Buffer(OwnsCState):
     __slots__ = ("_address", "_nbytes", "_alignment", "_allocator", "_gen", "_owner", "_sites",
                  "_rec")
 
-    address = property(lambda self: self._address, doc="Where the block starts.")
-    nbytes = property(lambda self: self._nbytes, doc="Length of the block in bytes.")
-    alignment = property(lambda self: self._alignment, doc="Alignment it was allocated with.")
+    # The slots' types (annotations only: no class attributes, so the slots stay as they are).
+    _address: int
+    _nbytes: int
+    _alignment: int
+    _allocator: Allocator
+    _gen: int                    # the allocator's generation at alloc, or _FREED / _MOVING
+    _owner: weakref.ref[_ViewOwner] | None  # the views' owner, while one was made
+    _sites: tuple[int, int] | None          # (alloc site, free site) ids, when recorded
+    _rec: tuple[CData, int] | None          # (zm_block_t *, generation) while _MOVING
 
     @property
-    def allocator(self):
+    def address(self) -> int:
+        """Where the block starts."""
+        return self._address
+
+    @property
+    def nbytes(self) -> int:
+        """Length of the block in bytes."""
+        return self._nbytes
+
+    @property
+    def alignment(self) -> int:
+        """Alignment it was allocated with."""
+        return self._alignment
+
+    @property
+    def allocator(self) -> Allocator:
         """The allocator this block belongs to."""
         return self._allocator
 
@@ -93,7 +123,8 @@ class Buffer(OwnsCState):
         else:
             weakref.finalize(owner, _free_if_live, self)
 
-    def __array__(self, dtype=None, copy=None):
+    def __array__(self, dtype: npt.DTypeLike | None = None,
+                  copy: bool | None = None) -> npt.NDArray[Any]:
         owner = self._owner() if self._owner is not None else None
         if owner is None:
             self._allocator._check_usable(self, "view")
@@ -106,7 +137,8 @@ class Buffer(OwnsCState):
         return array.copy() if copy else array
 
     def __buffer__(self, flags: int) -> memoryview:  # Python 3.12+ (PEP 688)
-        return memoryview(self.__array__())
+        # numpy's stubs declare ndarray.__buffer__ only for 3.12+, where alone this runs.
+        return memoryview(self.__array__())  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         state = "live" if self.is_live else "released"
@@ -122,7 +154,7 @@ def _free_if_live(buf: Buffer) -> None:
         buf._allocator.free(buf)
 
 
-def new_buffer(allocator, address: int, nbytes: int, alignment: int, gen: int) -> Buffer:
+def new_buffer(allocator: Allocator, address: int, nbytes: int, alignment: int, gen: int) -> Buffer:
     # object.__new__ plus slot stores: the cheapest way to build one on the alloc hot path.
     buf = _new(Buffer)
     buf._address = address

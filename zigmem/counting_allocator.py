@@ -11,7 +11,7 @@ from ._concurrency import snapshot
 from .allocator import Allocator
 from .page_allocator import page_allocator
 
-_registry: weakref.WeakSet = weakref.WeakSet()
+_registry: weakref.WeakSet[CountingAllocator] = weakref.WeakSet()
 _creation_order = itertools.count()
 
 

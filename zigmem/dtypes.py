@@ -3,7 +3,10 @@ missing ones (bfloat16, float8) in ml_dtypes."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .errors import InvalidArgumentError
 
@@ -11,10 +14,10 @@ _NAMES = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16",
           "int64", "bool")
 
 
-_cache: dict = {}
+_cache: dict[Any, np.dtype[Any]] = {}  # any hashable dtype-like -> its dtype
 
 
-def resolve(dtype) -> np.dtype:
+def resolve(dtype: npt.DTypeLike) -> np.dtype[Any]:
     """As :func:`_resolve`, cached: Tensor creation is a hot path."""
     try:
         return _cache[dtype]
@@ -27,7 +30,7 @@ def resolve(dtype) -> np.dtype:
         return resolved
 
 
-def numpy_dtype_named(name: str) -> np.dtype | None:
+def numpy_dtype_named(name: str) -> np.dtype[Any] | None:
     """numpy's dtype called ``name``, or ml_dtypes' (bfloat16, float8_*) when numpy has none
     and ml_dtypes is installed; None otherwise."""
     try:
@@ -41,7 +44,7 @@ def numpy_dtype_named(name: str) -> np.dtype | None:
         return None if found is None else np.dtype(found)
 
 
-def _resolve(dtype) -> np.dtype:
+def _resolve(dtype: npt.DTypeLike) -> np.dtype[Any]:
     """A numpy dtype for a name ("float32"), numpy type or dtype; bfloat16 through ml_dtypes.
 
     Raises:

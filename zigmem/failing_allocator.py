@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import SupportsIndex
+
 from ._binding import SIZE_MAX, check_size, ffi, lib
 from .allocator import Allocator
 
 
-def _index(value, name: str) -> int:
+def _index(value: SupportsIndex | None, name: str) -> int:
     return SIZE_MAX if value is None else check_size(value, name)
 
 
@@ -33,19 +35,46 @@ class FailingAllocator(Allocator):
         lib.zm_failing_allocator(self._state, inner)
         super().__init__(inner, (child,))
 
-    allocations = property(lambda self: self._state.allocations,
-                           doc="Allocations that reached the child.")
-    deallocations = property(lambda self: self._state.deallocations, doc="Frees passed on.")
-    allocated_bytes = property(lambda self: self._state.allocated_bytes,
-                               doc="Bytes allocated, growth included.")
-    freed_bytes = property(lambda self: self._state.freed_bytes,
-                           doc="Bytes freed, shrinking included.")
-    has_induced_failure = property(lambda self: bool(self._state.has_induced_failure),
-                                   doc="Whether a failure was induced.")
-    alloc_index = property(lambda self: self._state.alloc_index,
-                           doc="Index the next allocation will have.")
-    resize_index = property(lambda self: self._state.resize_index,
-                            doc="Index the next resize will have.")
+    @property
+    def allocations(self) -> int:
+        """Allocations that reached the child."""
+        value: int = self._state.allocations
+        return value
+
+    @property
+    def deallocations(self) -> int:
+        """Frees passed on."""
+        value: int = self._state.deallocations
+        return value
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes allocated, growth included."""
+        value: int = self._state.allocated_bytes
+        return value
+
+    @property
+    def freed_bytes(self) -> int:
+        """Bytes freed, shrinking included."""
+        value: int = self._state.freed_bytes
+        return value
+
+    @property
+    def has_induced_failure(self) -> bool:
+        """Whether a failure was induced."""
+        return bool(self._state.has_induced_failure)
+
+    @property
+    def alloc_index(self) -> int:
+        """Index the next allocation will have."""
+        value: int = self._state.alloc_index
+        return value
+
+    @property
+    def resize_index(self) -> int:
+        """Index the next resize will have."""
+        value: int = self._state.resize_index
+        return value
 
     def __repr__(self) -> str:
         fail = None if self._state.fail_index == SIZE_MAX else self._state.fail_index

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, SupportsIndex
+
 from ._binding import ffi, lib
 from .allocator import Allocator
 from .buffer import Buffer
 from .errors import ArenaEscapeError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 
 class FixedBufferAllocator(Allocator):
@@ -24,13 +29,12 @@ class FixedBufferAllocator(Allocator):
         >>> tmp = scratch.alloc(4096)
     """
 
-    def __init__(self, buffer) -> None:
-        self._source = buffer  # keeps a zigmem Buffer's view owner (hence memory) alive
+    def __init__(self, buffer: Buffer | WriteableBuffer) -> None:
+        self._source: object = buffer  # keeps a zigmem Buffer's view owner (hence memory) alive
         if isinstance(buffer, Buffer):
-            buffer = buffer.__array__()
-            self._source = buffer
+            self._source = buffer.__array__()
         try:
-            self._cbuf = ffi.from_buffer("char[]", buffer, require_writable=True)
+            self._cbuf = ffi.from_buffer("char[]", self._source, require_writable=True)
         except (TypeError, ValueError, BufferError) as e:
             raise InvalidArgumentError(
                 f"FixedBufferAllocator needs a writable contiguous buffer: {e}"
@@ -44,14 +48,16 @@ class FixedBufferAllocator(Allocator):
     @property
     def size(self) -> int:
         """Length of the underlying buffer."""
-        return self._state.len
+        size: int = self._state.len
+        return size
 
     @property
     def used(self) -> int:
         """Bytes handed out so far, alignment padding included."""
-        return self._state.end
+        used: int = self._state.end
+        return used
 
-    def owns(self, buf) -> bool:
+    def owns(self, buf: Buffer | SupportsIndex) -> bool:
         """Whether ``buf`` (a Buffer or an integer address) lies inside this allocator's buffer."""
         if isinstance(buf, Buffer):
             address = buf.address
@@ -61,7 +67,8 @@ class FixedBufferAllocator(Allocator):
             raise InvalidArgumentError(f"owns() takes a Buffer or an integer address, not "
                                        f"{type(buf).__name__}")
         start = int(ffi.cast("uintptr_t", self._cbuf))
-        return start <= address < start + self._state.len
+        end: int = start + self._state.len
+        return start <= address < end
 
     def reset(self) -> None:
         """Forget every allocation; the whole buffer is free again.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import _sites
-from ._binding import SIZE_MAX, check_size, failure, ffi, lib, raise_failure
+from ._binding import SIZE_MAX, CData, check_size, failure, ffi, lib, raise_failure
 from ._format import format_address, format_bytes
 from .allocator import Allocator
 from .errors import LeakError, OutOfMemoryError
@@ -84,7 +84,7 @@ class GeneralPurposeAllocator(Allocator):
         # call that found them, and a block is validated before realloc moves it.
         super().__init__(None, guard_init=lambda g: lib.zm_gpa_guard_init(g, self._gpa))
         self._result = "ok"
-        self._final_error = None
+        self._final_error: Exception | None = None
         self.leaks_at_deinit: list[LeakedBlock] = []
         if frames:
             self._site_frames = frames
@@ -138,10 +138,10 @@ class GeneralPurposeAllocator(Allocator):
             raise self._final_error
         return self._result
 
-    def _c_deinit(self, guards, holds, n: int) -> int:
+    def _c_deinit(self, guards: CData, holds: CData, n: int) -> int:
         leaks = self.leaks() if self.safety else []
         op_status = ffi.new("int *")
-        status = lib.zm_py_gpa_destroy(guards, holds, n, self._gpa, op_status)
+        status: int = lib.zm_py_gpa_destroy(guards, holds, n, self._gpa, op_status)
         if status == lib.ZM_OK:
             self.leaks_at_deinit = leaks
             self._result = "leak" if leaks else "ok"
@@ -153,7 +153,7 @@ class GeneralPurposeAllocator(Allocator):
         if self._site_frames:
             _sites.release()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.deinit() == "leak":
             blocks = self.leaks_at_deinit
             total = sum(b.nbytes for b in blocks)

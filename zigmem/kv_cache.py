@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import SupportsIndex
 
 import numpy as np
+import numpy.typing as npt
 
 from ._ownership import OwnsCState
 from .allocator import Allocator
@@ -64,7 +66,7 @@ class KVCache(OwnsCState):
     """
 
     def __init__(self, allocator: Allocator, n_layers: int, n_kv_heads: int, head_dim: int,
-                 max_seq_len: int, dtype="float16", growth: str = "preallocate",
+                 max_seq_len: int, dtype: npt.DTypeLike = "float16", growth: str = "preallocate",
                  batch: int = 1) -> None:
         if not isinstance(allocator, Allocator):
             raise InvalidArgumentError(f"allocator must be a zigmem allocator, not {type(allocator).__name__}")
@@ -98,7 +100,7 @@ class KVCache(OwnsCState):
                 self._slabs.append(buf)
         self._caps = [capacity] * len(self._slabs)  # positions each slab is laid out for
         self._capacity = capacity
-        self._pairs = self._make_views()
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] | None = self._make_views()
 
     # ------------------------------------------------------------ geometry and views
 
@@ -156,14 +158,14 @@ class KVCache(OwnsCState):
     def _filled(self, view: np.ndarray, layer: int) -> np.ndarray:
         return view[: self._lens[layer]] if self.batch == 1 else view[:, : self._lens[layer]]
 
-    def _layer(self, layer) -> int:
+    def _layer(self, layer: object) -> int:
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.n_layers:
             raise InvalidArgumentError(f"layer must be an integer in [0, {self.n_layers}), got {layer!r}")
         return int(layer)
 
     # ------------------------------------------------------------ writing
 
-    def append(self, layer: int, k, v) -> None:
+    def append(self, layer: int, k: npt.ArrayLike, v: npt.ArrayLike) -> None:
         """Write the next positions of ``layer``: ``k`` and ``v`` shaped
         ``[batch, n_new, n_kv_heads, head_dim]`` (or ``[n_new, n_kv_heads, head_dim]`` when
         ``batch == 1``), converted to the cache's dtype.
@@ -194,7 +196,8 @@ class KVCache(OwnsCState):
                 raise InvalidArgumentError(f"k and v shapes differ: {k.shape} and {v.shape}")
             if self.batch == 1:
                 k, v = k[0], v[0]
-            shape = k.shape if self.batch == 1 else k.shape[1:]
+            # numpy's stubs type k[0] as Any, which mypy takes back to k's declared ArrayLike.
+            shape = k.shape if self.batch == 1 else k.shape[1:]  # type: ignore[union-attr]
         end = start + shape[0]
         if self._written and end != self._step_end:
             raise InvalidArgumentError(
@@ -220,7 +223,7 @@ class KVCache(OwnsCState):
         if self._written == self.n_layers:
             self._seq_len, self._written = end, 0
 
-    def _input(self, x) -> np.ndarray:
+    def _input(self, x: npt.ArrayLike) -> np.ndarray:
         x = np.asarray(x)
         if self.batch == 1 and x.ndim == 3:
             x = x[None]
@@ -322,7 +325,7 @@ class KVCache(OwnsCState):
     def __enter__(self) -> KVCache:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.deinit()
 
     def __repr__(self) -> str:
@@ -330,14 +333,14 @@ class KVCache(OwnsCState):
                 f"dtype={self.dtype.name}, growth={self.growth!r}, nbytes={self.nbytes})")
 
 
-def _array(x, name: str) -> np.ndarray:
+def _array(x: npt.ArrayLike, name: str) -> np.ndarray:
     try:
         return np.asarray(x)
     except (TypeError, ValueError) as e:  # ragged lists, objects numpy cannot hold
         raise InvalidArgumentError(f"{name} is not an array of numbers: {e}") from None
 
 
-def _positive(value, name: str) -> int:
+def _positive(value: SupportsIndex, name: str) -> int:
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidArgumentError(f"{name} must be a finite integer, got {value!r}")
     try:

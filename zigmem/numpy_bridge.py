@@ -21,11 +21,18 @@ extension module itself, since cffi cannot pass ``PyObject *``.
 from __future__ import annotations
 
 import ctypes
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, TypeVar
 
 from . import _sites
 from ._binding import extension_path, failure, ffi, lib
 from ._format import format_address, format_bytes
 from .errors import InvalidArgumentError, UseAfterFreeError
+
+if TYPE_CHECKING:
+    from .allocator import Allocator
+
+_A = TypeVar("_A", bound="Allocator")
 
 _capi = ctypes.PyDLL(extension_path())
 _serve_new = _capi.zm_np_serve_new
@@ -40,7 +47,7 @@ _context_serves.restype = ctypes.c_int
 class NumpyBridge:
     """What one allocator has handed to numpy: created at its first ``numpy()`` block."""
 
-    def __init__(self, allocator) -> None:
+    def __init__(self, allocator: Allocator) -> None:
         self.state = ffi.new("zm_np_state_t *")
         lib.zm_np_state_init(self.state, allocator._g)
         self.address = int(ffi.cast("uintptr_t", self.state))
@@ -53,18 +60,22 @@ class NumpyBridge:
         except Exception:  # interpreter shutdown
             pass
 
-    def serve(self, allocator, site: int):
-        """A new ServeNumpy (C) for ``allocator``; it and its handlers hold the allocator."""
-        return _serve_new(self.address, site, allocator, self.name, UseAfterFreeError,
-                          InvalidArgumentError)
+    def serve(self, allocator: _A, site: int) -> AbstractContextManager[_A]:
+        """A new ServeNumpy (C) for ``allocator``; it and its handlers hold the allocator.
+        Its ``__enter__`` returns ``allocator``."""
+        serving: AbstractContextManager[_A] = _serve_new(
+            self.address, site, allocator, self.name, UseAfterFreeError, InvalidArgumentError)
+        return serving
 
     def serving_this_context(self) -> bool:
         """Whether the calling context is inside one of this allocator's ``numpy()`` blocks."""
-        return _context_serves(self.address) == 1
+        serves: int = _context_serves(self.address)
+        return serves == 1
 
     @property
     def live_count(self) -> int:
-        return self.state.live_count
+        count: int = self.state.live_count
+        return count
 
     def live(self, limit: int = 8) -> tuple[int, int, list[tuple[int, int, int]]]:
         """(count, bytes, up to ``limit`` (address, nbytes, site) of live numpy buffers)."""

@@ -46,7 +46,9 @@ class PageAllocator(Allocator):
 
     @property
     def page_size(self) -> int:
-        return lib.zm_page_size()
+        """The OS page size in bytes (what mmap.PAGESIZE says)."""
+        size: int = lib.zm_page_size()
+        return size
 
     def deinit(self) -> None:
         """Nothing to release: the page allocator keeps no memory of its own."""

@@ -5,6 +5,20 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+from collections.abc import AsyncIterator, Callable, Generator
+from types import TracebackType
+from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, cast
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_F = TypeVar("_F", bound=Callable[..., object])
+_D = TypeVar("_D", bound="_Deinitable")
+
+
+class _Deinitable(Protocol):
+    """What :meth:`Scope.enter` takes: anything with a ``deinit()``."""
+
+    def deinit(self) -> object: ...
 
 
 class Scope:
@@ -35,19 +49,20 @@ class Scope:
     __slots__ = ("_cleanups",)
 
     def __init__(self) -> None:
-        self._cleanups: list[tuple[bool, object, tuple, dict]] = []
+        self._cleanups: list[tuple[bool, Callable[..., object], tuple[Any, ...],
+                                   dict[str, Any]]] = []
 
-    def defer(self, fn, *args, **kwargs):
+    def defer(self, fn: _F, *args: Any, **kwargs: Any) -> _F:
         """Run ``fn(*args, **kwargs)`` when the block exits. Returns ``fn``."""
         self._cleanups.append((False, fn, args, kwargs))
         return fn
 
-    def errdefer(self, fn, *args, **kwargs):
+    def errdefer(self, fn: _F, *args: Any, **kwargs: Any) -> _F:
         """Run ``fn(*args, **kwargs)`` only if the block exits with an exception."""
         self._cleanups.append((True, fn, args, kwargs))
         return fn
 
-    def enter(self, obj, *, errdefer: bool = False):
+    def enter(self, obj: _D, *, errdefer: bool = False) -> _D:
         """Register ``obj.deinit`` (deferred, or only on error) and return ``obj``."""
         (self.errdefer if errdefer else self.defer)(obj.deinit)
         return obj
@@ -55,8 +70,9 @@ class Scope:
     def __enter__(self) -> Scope:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        errors = []
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        errors: list[BaseException] = []
         while self._cleanups:
             on_error_only, fn, args, kwargs = self._cleanups.pop()
             if on_error_only and exc_type is None:
@@ -75,35 +91,40 @@ class Scope:
             raise errors[-1]
         return False
 
-    def __call__(self, fn):
+    def __call__(self, fn: Callable[Concatenate[Scope, _P], _R]) -> Callable[_P, _R]:
         """Use as a decorator: each call runs ``fn(scope, *args)`` in a fresh Scope.
 
         For a generator or an async function (or async generator) the Scope lives as long
         as the body runs (until the generator is exhausted or closed, the coroutine
         finishes), not just until the call returns the generator or coroutine object.
         """
+        # Each wrapper has fn's kind (async generator, coroutine, generator), hence fn's
+        # result type _R; mypy does not narrow _R by inspect's checks, so each wrapper is cast
+        # (once, at decoration time).
         if inspect.isasyncgenfunction(fn):
+            async_gen_fn = cast(Callable[Concatenate[Scope, _P], AsyncIterator[Any]], fn)
+
             @functools.wraps(fn)
-            async def scoped_async_gen(*args, **kwargs):
+            async def scoped_async_gen(*args: _P.args, **kwargs: _P.kwargs) -> AsyncIterator[Any]:
                 with Scope() as scope:
-                    async for item in fn(scope, *args, **kwargs):
+                    async for item in async_gen_fn(scope, *args, **kwargs):
                         yield item
-            return scoped_async_gen
+            return cast(Callable[_P, _R], scoped_async_gen)
         if inspect.iscoroutinefunction(fn):
             @functools.wraps(fn)
-            async def scoped_coroutine(*args, **kwargs):
+            async def scoped_coroutine(*args: _P.args, **kwargs: _P.kwargs) -> Any:
                 with Scope() as scope:
                     return await fn(scope, *args, **kwargs)
-            return scoped_coroutine
+            return cast(Callable[_P, _R], scoped_coroutine)
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
-            def scoped_generator(*args, **kwargs):
+            def scoped_generator(*args: _P.args, **kwargs: _P.kwargs) -> Generator[Any, Any, Any]:
                 with Scope() as scope:
                     return (yield from fn(scope, *args, **kwargs))
-            return scoped_generator
+            return cast(Callable[_P, _R], scoped_generator)
 
         @functools.wraps(fn)
-        def scoped(*args, **kwargs):
+        def scoped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             with Scope() as scope:
                 return fn(scope, *args, **kwargs)
 

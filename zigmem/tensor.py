@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any, SupportsIndex, TypeAlias, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _sites
-from ._binding import ffi, lib, raise_failure
+from ._binding import CData, ffi, lib, raise_failure
 from ._format import format_bytes
 from ._ownership import OwnsCState
 from .allocator import Allocator
-from .buffer import _FREED, new_buffer
+from .buffer import _FREED, Buffer, new_buffer
 from .dtypes import resolve
 from .errors import (
     DanglingViewError, DoubleFreeError, InvalidArgumentError, OutOfMemoryError, UseAfterFreeError,
@@ -20,6 +24,9 @@ from .errors import (
 _here = _sites.here
 _STALE = lib.ZM_ERR_STALE
 _NO_SITES = (0, 0)
+
+# What a shape may be given as: one integer, or a sequence of them, as numpy takes it.
+ShapeLike: TypeAlias = "SupportsIndex | Sequence[SupportsIndex]"
 
 
 class Tensor(OwnsCState):
@@ -46,7 +53,17 @@ class Tensor(OwnsCState):
 
     __slots__ = ("_t", "_allocator", "_gen", "_buf", "_shape", "_dtype", "_sites")
 
-    def __init__(self, allocator: Allocator, shape, dtype="float32") -> None:
+    # The slots' types (annotations only: no class attributes, so the slots stay as they are).
+    _t: CData                   # zm_tensor_t *
+    _allocator: Allocator
+    _gen: int                   # the allocator's generation at init, or _FREED
+    _buf: Buffer | None         # the data as a Buffer, made at the first .data
+    _shape: tuple[SupportsIndex, ...]  # as given (C checked each dimension)
+    _dtype: np.dtype[Any]
+    _sites: tuple[int, int]     # (init site, deinit site) ids, 0 when not recorded
+
+    def __init__(self, allocator: Allocator, shape: ShapeLike,
+                 dtype: npt.DTypeLike = "float32") -> None:
         if not isinstance(allocator, Allocator):
             raise InvalidArgumentError(
                 f"allocator must be a zigmem allocator, not {type(allocator).__name__}")
@@ -83,7 +100,7 @@ class Tensor(OwnsCState):
         self._sites = (site, 0) if site else _NO_SITES
 
     @classmethod
-    def from_numpy(cls, allocator: Allocator, array) -> Tensor:
+    def from_numpy(cls, allocator: Allocator, array: npt.ArrayLike) -> Tensor:
         """A Tensor holding a copy of ``array`` (any layout; stored C-contiguous)."""
         array = np.asarray(array)
         tensor = cls(allocator, array.shape, array.dtype)
@@ -91,7 +108,7 @@ class Tensor(OwnsCState):
         return tensor
 
     @property
-    def data(self) -> np.ndarray:
+    def data(self) -> npt.NDArray[Any]:
         """A zero-copy, C-contiguous numpy view of the elements.
 
         Raises:
@@ -111,12 +128,12 @@ class Tensor(OwnsCState):
         return tuple(ffi.unpack(ffi.cast("int64_t *", self._t.strides), self._t.ndim))
 
     @property
-    def dtype(self) -> np.dtype:
+    def dtype(self) -> np.dtype[Any]:
         return self._dtype
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self._shape) * self._dtype.itemsize
+        return math.prod([operator.index(d) for d in self._shape]) * self._dtype.itemsize
 
     @property
     def ndim(self) -> int:
@@ -171,7 +188,7 @@ class Tensor(OwnsCState):
             f"cannot {action} {what}: {self._allocator._describe()} released its memory (a "
             "reset or deinit) after it was made")
 
-    def _buffer(self, action: str):
+    def _buffer(self, action: str) -> Buffer:
         """The data as a Buffer (views and their tracking go through it)."""
         self._check_live(action)
         buf = self._buf
@@ -183,7 +200,7 @@ class Tensor(OwnsCState):
     def __enter__(self) -> Tensor:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.deinit()
 
     def __repr__(self) -> str:
@@ -193,26 +210,28 @@ class Tensor(OwnsCState):
 
 
 # zm_tensor_t structs of deinitialised Tensors, reused: ffi.new costs more than the C call.
-_structs: list = []
+_structs: list[CData] = []
 
 
-def _as_shape(shape) -> tuple:
+def _as_shape(shape: ShapeLike) -> tuple[SupportsIndex, ...]:
     if isinstance(shape, int) or (hasattr(shape, "__index__") and not hasattr(shape, "__len__")):
         return (shape,)
     try:
-        return tuple(shape)
+        # Not one integer: a sequence, or an object tuple() refuses with the TypeError below
+        # (cast, not narrowed: mypy cannot follow the hasattr test above).
+        return tuple(cast("Iterable[SupportsIndex]", shape))
     except TypeError:
         raise InvalidArgumentError(
             f"shape must be a sequence of integers, not {type(shape).__name__}") from None
 
 
-def _too_large(shape: tuple, dtype: np.dtype) -> OutOfMemoryError:
+def _too_large(shape: tuple[SupportsIndex, ...], dtype: np.dtype[Any]) -> OutOfMemoryError:
     total = math.prod(int(d) for d in shape) * dtype.itemsize
     return OutOfMemoryError(f"Tensor({shape}, {dtype.name}): {total} bytes do not fit in the "
                             "address space")
 
 
-def _check_shape(shape: tuple) -> None:
+def _check_shape(shape: tuple[SupportsIndex, ...]) -> None:
     """Raise the precise error for a shape C or cffi refused."""
     try:
         dims = tuple(d.__index__() for d in shape)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from . import _sites
 from ._format import format_address, format_bytes
 from .allocator import Allocator
@@ -30,10 +33,13 @@ def _leaks(failing: FailingAllocator, counting: CountingAllocator) -> str | None
     return "\n".join(lines)
 
 
-def _run(fn, args, kwargs, fail_index: int | None, backing: Allocator):
+def _run(fn: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any],
+         fail_index: int | None,
+         backing: Allocator) -> tuple[FailingAllocator, CountingAllocator, MemoryError | None]:
     counting = CountingAllocator(backing, name="check_all_allocation_failures")
     failing = FailingAllocator(counting, fail_index=fail_index)
     failing._track_sites(8)
+    error: MemoryError | None
     try:
         fn(failing, *args, **kwargs)
         error = None
@@ -42,7 +48,8 @@ def _run(fn, args, kwargs, fail_index: int | None, backing: Allocator):
     return failing, counting, error
 
 
-def check_all_allocation_failures(fn, *args, backing: Allocator = page_allocator, **kwargs) -> int:
+def check_all_allocation_failures(fn: Callable[..., object], *args: Any,
+                                  backing: Allocator = page_allocator, **kwargs: Any) -> int:
     """Run ``fn(allocator, *args)`` once per allocation it makes, with that one failing.
 
     As Zig's ``std.testing.checkAllAllocationFailures``: a first run with no failure counts

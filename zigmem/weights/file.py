@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,6 +17,12 @@ from . import gguf, safetensors
 from .info import TensorInfo
 from .quantized_matrix import QuantizedMatrix, dequantize_bytes, type_id
 
+if TYPE_CHECKING:
+    from _typeshed import StrOrBytesPath  # str, bytes or os.PathLike of either
+
+    from .._binding import CData
+    from ..allocator import Allocator
+
 _ADVICE = {None: lib.ZM_ADVICE_NONE, "sequential": lib.ZM_ADVICE_SEQUENTIAL,
            "random": lib.ZM_ADVICE_RANDOM, "willneed": lib.ZM_ADVICE_WILLNEED}
 
@@ -26,7 +33,7 @@ class _MappedFile(OwnsCState):
 
     __slots__ = ("__array_interface__", "_mapping", "__weakref__")
 
-    def __init__(self, mapping, readonly: bool) -> None:
+    def __init__(self, mapping: CData, readonly: bool) -> None:
         self._mapping = mapping
         self.__array_interface__ = {
             "shape": (mapping.size,), "typestr": "|u1",
@@ -36,7 +43,7 @@ class _MappedFile(OwnsCState):
         weakref.finalize(self, lib.zm_unmap, mapping).atexit = False
 
 
-class WeightFile(OwnsCState, Mapping):
+class WeightFile(OwnsCState, Mapping[str, np.ndarray]):
     """An open weight file: a read-only mapping from tensor names to zero-copy numpy views.
 
     ``w[name]`` views the mapped file directly: loading costs no copy and no time per byte,
@@ -50,11 +57,12 @@ class WeightFile(OwnsCState, Mapping):
         read-only mapping; GGUF values decode when read), nbytes (file size).
     """
 
-    def __init__(self, path, format: str, metadata: Mapping, infos: Mapping[str, TensorInfo],
-                 owner: _MappedFile, root: np.ndarray) -> None:
+    def __init__(self, path: str | bytes, format: str, metadata: Mapping[str, Any],
+                 infos: Mapping[str, TensorInfo], owner: _MappedFile, root: np.ndarray) -> None:
         self.path, self.format, self.metadata = path, format, metadata
         self._infos: Mapping[str, TensorInfo] | None = infos
-        self._owner, self._root = owner, root
+        self._owner: _MappedFile | None = owner
+        self._root: np.ndarray | None = root
         self.nbytes = root.size
 
     # ------------------------------------------------------------ mapping protocol
@@ -70,12 +78,9 @@ class WeightFile(OwnsCState, Mapping):
     def __len__(self) -> int:
         return len(self._table())
 
-    def __contains__(self, name) -> bool:
-        try:
-            self._info(name)
-        except KeyError:
-            return False
-        return True
+    def __contains__(self, name: object) -> bool:
+        infos = self._table()
+        return isinstance(name, str) and name in infos  # every name is a str
 
     def info(self, name: str) -> TensorInfo:
         """dtype, shape, file offset and size of ``name``.
@@ -107,7 +112,7 @@ class WeightFile(OwnsCState, Mapping):
 
     # ------------------------------------------------------------ dequantization
 
-    def dequantize(self, name: str, allocator=None) -> np.ndarray:
+    def dequantize(self, name: str, allocator: Allocator | None = None) -> np.ndarray:
         """``name`` as float32, in numpy axis order, in memory from ``allocator``.
 
         Handles F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
@@ -166,19 +171,19 @@ class WeightFile(OwnsCState, Mapping):
     def __enter__(self) -> WeightFile:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._root is None else f"{len(self)} tensors"
-        return f"<WeightFile {self.format} {self.path} {state}>"
+        return f"<WeightFile {self.format} {self.path!s} {state}>"
 
 
-def _shown(path) -> str:
+def _shown(path: StrOrBytesPath) -> str:
     return os.fsdecode(path)
 
 
-def _encoded_path(path) -> bytes:
+def _encoded_path(path: StrOrBytesPath) -> bytes:
     """The path as the OS sees it (non-UTF-8 names included), or InvalidArgumentError."""
     try:
         raw = os.fsencode(path)
@@ -192,13 +197,13 @@ def _encoded_path(path) -> bytes:
     return raw
 
 
-def _check_choice(name: str, value, choices) -> None:
+def _check_choice(name: str, value: object, choices: Collection[str | None]) -> None:
     if value is not None and not isinstance(value, str) or value not in choices:
         raise InvalidArgumentError(f"{name} must be one of {sorted(c for c in choices if c)} or "
                                    f"None, not {value!r}")
 
 
-def load_weights(path, *, format: str | None = None, advice: str | None = None,
+def load_weights(path: StrOrBytesPath, *, format: str | None = None, advice: str | None = None,
                  populate: bool = False, lock: bool = False, writable: bool = False) -> WeightFile:
     """Map a safetensors or GGUF file and index its tensors, without copying them.
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 import operator
 import struct
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, SupportsIndex
 
 import numpy as np
 
-from .._binding import ffi, lib
+from .._binding import CData, ffi, lib
 from .._ownership import OwnsCState
 from ..dtypes import numpy_dtype_named
 from ..errors import UseAfterFreeError, WeightFormatError
@@ -56,8 +57,10 @@ class _Source(OwnsCState):
 
     __slots__ = ("root", "data", "info", "kv_index", "tensor_index")
 
-    def __init__(self, root: np.ndarray, data, info, kv_index, tensor_index) -> None:
-        self.root, self.data, self.info = root, data, info
+    def __init__(self, root: np.ndarray, data: CData, info: CData, kv_index: CData,
+                 tensor_index: CData) -> None:
+        self.root: np.ndarray | None = root
+        self.data, self.info = data, info
         self.kv_index, self.tensor_index = kv_index, tensor_index
 
     def live(self) -> np.ndarray:
@@ -71,11 +74,11 @@ class _Source(OwnsCState):
         self.root = None
 
 
-def _pointer(root: np.ndarray):
+def _pointer(root: np.ndarray) -> CData:
     return ffi.cast("const uint8_t *", root.ctypes.data)  # ctypes is slow: once per object
 
 
-def _find(data, index, n: int, name) -> int:
+def _find(data: CData, index: CData, n: int, name: object) -> int:
     """The record position named ``name`` through a sorted C index, or -1."""
     if not isinstance(name, str):
         return -1
@@ -83,11 +86,12 @@ def _find(data, index, n: int, name) -> int:
         key = name.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates: no record can be named so
         return -1
-    i = lib.zm_gguf_find(data, index, n, key, len(key))
-    return -1 if i < 0 else index[i]
+    i: int = lib.zm_gguf_find(data, index, n, key, len(key))
+    pos: int = -1 if i < 0 else index[i]
+    return pos
 
 
-class Metadata(OwnsCState, Mapping):
+class Metadata(OwnsCState, Mapping[str, object]):
     """A GGUF file's key-values, in file order, each decoded when first read.
 
     ``"GGUF.version"`` comes first. Values: Python scalars and strings; arrays of numbers
@@ -119,7 +123,7 @@ class Metadata(OwnsCState, Mapping):
         source = self._source
         yield "GGUF.version"
         root = source.live()
-        buf, data, pos = memoryview(root), source.data, 24
+        buf, data, pos = memoryview(root), source.data, 24  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
         kv = ffi.new("zm_gguf_kv_t *")
         for _ in range(source.info.n_kv):
             if lib.zm_gguf_kv_at(data, root.size, pos, kv):
@@ -128,7 +132,8 @@ class Metadata(OwnsCState, Mapping):
             pos = kv.end
 
     def __len__(self) -> int:
-        return self._source.info.n_kv + 1
+        n: int = self._source.info.n_kv + 1
+        return n
 
     def release(self) -> None:
         """Let go of the mapping (values already read stay readable)."""
@@ -138,7 +143,7 @@ class Metadata(OwnsCState, Mapping):
         return f"<GGUF metadata: {len(self)} keys>"
 
 
-class TensorTable(OwnsCState, Mapping):
+class TensorTable(OwnsCState, Mapping[str, TensorInfo]):
     """A GGUF file's tensor infos: name -> :class:`TensorInfo`, in file order, decoded
     when first asked for (and then kept)."""
 
@@ -162,7 +167,7 @@ class TensorTable(OwnsCState, Mapping):
     def __iter__(self) -> Iterator[str]:
         source = self._source
         root = source.live()
-        buf, data, pos = memoryview(root), source.data, source.info.tensors_offset
+        buf, data, pos = memoryview(root), source.data, source.info.tensors_offset  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
         t = ffi.new("zm_gguf_tensor_t *")
         for _ in range(source.info.n_tensors):
             if lib.zm_gguf_tensor_at(data, root.size, source.info, pos, t):
@@ -171,7 +176,8 @@ class TensorTable(OwnsCState, Mapping):
             pos = t.end
 
     def __len__(self) -> int:
-        return self._source.info.n_tensors
+        n: int = self._source.info.n_tensors
+        return n
 
     def release(self) -> None:
         """Let go of the mapping."""
@@ -181,14 +187,14 @@ class TensorTable(OwnsCState, Mapping):
         return f"<GGUF tensor table: {len(self)} tensors>"
 
 
-def _plain(value):
+def _plain(value: object) -> object:
     """Lazy arrays and sequences as nested lists, for comparisons."""
     if isinstance(value, (NestedArray, StringArray, list, tuple)):
         return [_plain(v) for v in value]
     return value
 
 
-class _LazyArray(OwnsCState, Sequence):
+class _LazyArray(OwnsCState, Sequence[Any]):
     """Items of a GGUF array at ``first`` in ``root`` (which it keeps mapped), decoded on
     use; variable-size items (strings, arrays) are located by one walk, on first use."""
 
@@ -210,10 +216,10 @@ class _LazyArray(OwnsCState, Sequence):
             self._offsets = offsets
         return int(self._offsets[i])
 
-    def _item(self, i: int):
+    def _item(self, i: int) -> Any:
         return _value_at(self._root, self._offset(i), self._item_type)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: SupportsIndex | slice) -> Any:
         if isinstance(i, slice):
             return [self._item(k) for k in range(*i.indices(self._count))]
         k = operator.index(i)  # TypeError for a non-integer, as a list would
@@ -224,16 +230,17 @@ class _LazyArray(OwnsCState, Sequence):
     def __len__(self) -> int:
         return self._count
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, (Sequence, np.ndarray)) or isinstance(other, (str, bytes)):
             return NotImplemented
         return _plain(self) == _plain(list(other))
 
     __hash__ = None  # type: ignore[assignment]
 
-    def tolist(self) -> list:
+    def tolist(self) -> list[Any]:
         """Every item, nested arrays as nested lists."""
-        return _plain(self)
+        items: list[Any] = [_plain(v) for v in self]
+        return items
 
 
 class StringArray(_LazyArray):
@@ -247,7 +254,8 @@ class StringArray(_LazyArray):
 
     def _decoded(self) -> list[str]:
         if self._items is None:
-            buf, pos, items = memoryview(self._root), self._first, []
+            buf, pos = memoryview(self._root), self._first  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
+            items: list[str] = []
             for _ in range(self._count):
                 (n,) = _u64(buf, pos)
                 items.append(str(buf[pos + 8: pos + 8 + n], "utf-8"))
@@ -255,7 +263,7 @@ class StringArray(_LazyArray):
             self._items = items
         return self._items
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: SupportsIndex | slice) -> Any:
         return self._decoded()[i]
 
     def __repr__(self) -> str:
@@ -274,9 +282,9 @@ class NestedArray(_LazyArray):
         return f"<NestedArray of {self._count} {_TYPE_NAMES[self._item_type]}>"
 
 
-def _value_at(root: np.ndarray, pos: int, t: int):
+def _value_at(root: np.ndarray, pos: int, t: int) -> Any:
     """The value of type t at pos, inside a nested array (validated by the C parser)."""
-    buf = memoryview(root)
+    buf = memoryview(root)  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
     if t in _SCALARS:
         return struct.unpack_from(_SCALARS[t][0], buf, pos)[0]
     if t == _STRING:
@@ -286,8 +294,8 @@ def _value_at(root: np.ndarray, pos: int, t: int):
     return NestedArray(root, item, pos + 12, count)
 
 
-def _decode(root: np.ndarray, kv) -> object:
-    t, buf = kv.type, memoryview(root)
+def _decode(root: np.ndarray, kv: CData) -> object:
+    t, buf = kv.type, memoryview(root)  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
     if t in _SCALARS:
         return struct.unpack_from(_SCALARS[t][0], buf, kv.value)[0]
     if t == _STRING:
@@ -300,7 +308,7 @@ def _decode(root: np.ndarray, kv) -> object:
     return NestedArray(root, item, kv.value, kv.count)
 
 
-def parse(root: np.ndarray):
+def parse(root: np.ndarray) -> tuple[Metadata, TensorTable]:
     """(metadata, tensor table) of a mapped GGUF file, or WeightFormatError.
 
     Memory: two C arrays of one u64 per record, sized only once the C parser has walked
@@ -324,11 +332,11 @@ def parse(root: np.ndarray):
     return Metadata(source), TensorTable(source)
 
 
-def _tensor_info(root: np.ndarray, data, info, pos: int) -> TensorInfo:
+def _tensor_info(root: np.ndarray, data: CData, info: CData, pos: int) -> TensorInfo:
     t = ffi.new("zm_gguf_tensor_t *")
     if lib.zm_gguf_tensor_at(data, root.size, info, pos, t):
         raise WeightFormatError(f"tensor info at offset {pos} cannot be decoded")
-    name = str(memoryview(root)[t.name: t.name + t.name_len], "utf-8")
+    name = str(memoryview(root)[t.name: t.name + t.name_len], "utf-8")  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
     type_name, np_name = GGML_TYPES[t.type]
     dims = [int(d) for d in t.dims[0:t.n_dims]]
     shape = tuple(reversed(dims))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -16,5 +17,5 @@ class TensorInfo:
     shape: tuple[int, ...]    # numpy axis order (GGUF dims reversed)
     offset: int               # absolute byte offset in the file
     nbytes: int
-    numpy_dtype: np.dtype     # of w[name]; raw bytes / unsigned words where numpy lacks one
+    numpy_dtype: np.dtype[Any]  # of w[name]; raw bytes / unsigned words where numpy lacks one
     view_shape: tuple[int, ...]  # of w[name]: shape, or rows of raw blocks when quantized

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .._format import format_bytes
 from .file import load_weights
 
+if TYPE_CHECKING:
+    from _typeshed import StrOrBytesPath
 
-def summarise(value, width: int = 72) -> str:
+
+def summarise(value: object, width: int = 72) -> str:
     """One line for a metadata value; long arrays as their length and first items."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
         text = repr(value)
@@ -24,9 +28,9 @@ def summarise(value, width: int = 72) -> str:
     return text if len(text) <= width else text[: width - 4] + "...]"
 
 
-def render(path) -> str:
+def render(path: StrOrBytesPath) -> str:
     with load_weights(path) as w:
-        lines = [f"{path}: {w.format}, {format_bytes(w.nbytes)}, {len(w)} tensors", "",
+        lines = [f"{path!s}: {w.format}, {format_bytes(w.nbytes)}, {len(w)} tensors", "",
                  "metadata:"]
         for key, value in w.metadata.items():
             lines.append(f"  {key:<40} {summarise(value)}")

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
+import numpy.typing as npt
 
 from .._binding import ffi, lib, raise_failure
 from ..errors import InvalidArgumentError, WeightFormatError
 from .. import threads
+
+if TYPE_CHECKING:
+    from ..allocator import Allocator
 
 # ggml type name -> id, for the types with kernels (dequantize, matmul, rows).
 GGML_TYPE_IDS = {
@@ -40,14 +45,16 @@ _PATH_NAMES = {v: k for k, v in KERNEL_PATHS.items()}
 def type_id(dtype: str, what: str) -> int:
     """The ggml id of a supported type, or InvalidArgumentError naming ``what`` and the type."""
     try:
-        return GGML_TYPE_IDS[dtype]
+        ggml: int = GGML_TYPE_IDS[dtype]
+        return ggml
     except KeyError:
         raise InvalidArgumentError(
             f"{what}: type {dtype} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
         ) from None
 
 
-def dequantize_bytes(ggml: int, data: np.ndarray, shape: tuple, allocator, what: str) -> np.ndarray:
+def dequantize_bytes(ggml: int, data: np.ndarray, shape: tuple[int, ...],
+                     allocator: Allocator | None, what: str) -> np.ndarray:
     """``data`` (a tensor's bytes) as a float32 array of ``shape`` from ``allocator``."""
     from ..page_allocator import page_allocator
 
@@ -62,7 +69,8 @@ def dequantize_bytes(ggml: int, data: np.ndarray, shape: tuple, allocator, what:
 
 def kernel_path() -> str:
     """The kernel path in use: "avx512", "avx2" or "portable" (see ZIGMEM_KERNELS)."""
-    return _PATH_NAMES[lib.zm_kernels_get()]
+    name: str = _PATH_NAMES[lib.zm_kernels_get()]
+    return name
 
 
 def use_kernels(path: str) -> None:
@@ -89,7 +97,7 @@ if _forced and _forced not in supported_kernel_paths():
                   RuntimeWarning, stacklevel=2)
 
 
-def _float32_array(value, what: str) -> np.ndarray:
+def _float32_array(value: object, what: str) -> np.ndarray:
     if not isinstance(value, np.ndarray):
         raise InvalidArgumentError(f"{what} must be a numpy float32 array, not {type(value).__name__}")
     if value.dtype != np.float32:
@@ -121,7 +129,7 @@ class QuantizedMatrix:
 
     __slots__ = ("name", "shape", "dtype", "nbytes", "_type", "_data", "_ptr", "__weakref__")
 
-    def __init__(self, name: str, dtype: str, shape: tuple[int, int], data: np.ndarray) -> None:
+    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], data: np.ndarray) -> None:
         self._type = type_id(dtype, f"matrix {name!r}")
         if len(shape) != 2:
             raise InvalidArgumentError(f"matrix {name!r}: a matrix has 2 dimensions, this "
@@ -178,7 +186,7 @@ class QuantizedMatrix:
                 raise_failure(f"{self.name}.matmul")
         return out
 
-    def rows(self, ids, out: np.ndarray | None = None) -> np.ndarray:
+    def rows(self, ids: npt.ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
         """The dequantized rows ``ids`` (an embedding lookup); nothing else is read.
 
         Args:
@@ -227,7 +235,7 @@ class QuantizedMatrix:
                 raise_failure(f"{self.name}.rows")
         return out
 
-    def dequantize(self, allocator=None) -> np.ndarray:
+    def dequantize(self, allocator: Allocator | None = None) -> np.ndarray:
         """The whole matrix as float32 ``shape``, in memory from ``allocator``.
 
         Bit-exact against ``gguf.quants.dequantize``; the array frees into ``allocator``
@@ -241,14 +249,14 @@ class QuantizedMatrix:
     def __repr__(self) -> str:
         return f"<QuantizedMatrix {self.name} {self.dtype} {self.shape[0]}x{self.shape[1]}>"
 
-    def __copy__(self):
+    def __copy__(self) -> NoReturn:
         raise TypeError("QuantizedMatrix cannot be copied: it shares its file's mapping; "
                         "use the same object, or w.matrix(name) again")
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: object) -> NoReturn:
         raise TypeError("QuantizedMatrix cannot be deep-copied: it reads its file's mapping; "
                         "use dequantize() for an array you own")
 
-    def __reduce_ex__(self, protocol):
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
         raise TypeError("QuantizedMatrix cannot be pickled: it reads a mapped file; pickle "
                         "the path and call load_weights(path).matrix(name) again")

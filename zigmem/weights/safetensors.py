@@ -16,12 +16,17 @@ import os
 import sys
 import tempfile
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
+import numpy.typing as npt
 
 from ..dtypes import numpy_dtype_named
 from ..errors import WeightFormatError
 from .info import TensorInfo
+
+if TYPE_CHECKING:
+    from _typeshed import StrOrBytesPath
 
 MAX_HEADER = 100_000_000  # the reference reader's cap
 MAX_DIMS = 64  # numpy's
@@ -39,14 +44,14 @@ DTYPES = {
 _RAW = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
 
 
-def numpy_dtype(name: str) -> np.dtype | None:
+def numpy_dtype(name: str) -> np.dtype[Any] | None:
     """The numpy dtype for a safetensors dtype: ml_dtypes types when installed, else None."""
     np_name = DTYPES[name][1]
     return None if np_name is None else numpy_dtype_named(np_name)
 
 
-def _no_duplicates(pairs):
-    seen = {}
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
             raise WeightFormatError(f"duplicate key {key!r} in the header")
@@ -54,16 +59,18 @@ def _no_duplicates(pairs):
     return seen
 
 
-def _reject_constant(name: str):
+def _reject_constant(name: str) -> NoReturn:
     raise WeightFormatError(f"header is not valid JSON: {name} is not a JSON value")
 
 
-def _json_object(text: str) -> dict:
+def _json_object(text: str) -> dict[str, Any]:
     """The header's JSON object, or WeightFormatError: whatever the text, json's own
     failures (nesting too deep for the parser, integers too long to convert, NaN) are
     format errors, never bare RecursionError or ValueError."""
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        header: dict[str, Any] = json.loads(text, object_pairs_hook=_no_duplicates,
+                                            parse_constant=_reject_constant)
+        return header
     except json.JSONDecodeError as e:
         raise WeightFormatError(f"header is not valid JSON: {e}") from None
     except RecursionError:
@@ -74,7 +81,7 @@ def _json_object(text: str) -> dict:
         raise WeightFormatError(f"header is not valid JSON: {e}") from None
 
 
-def parse(root: np.ndarray):
+def parse(root: np.ndarray) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     """(metadata, {name: TensorInfo} in file order) of a mapped safetensors file, or
     WeightFormatError."""
     size = root.size
@@ -99,11 +106,12 @@ def parse(root: np.ndarray):
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise WeightFormatError("__metadata__ must map strings to strings")
     start, data_size = 8 + n, size - 8 - n
-    entries = []
+    entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
     for name, entry in header.items():
         entries.append(_entry(name, entry))
     entries.sort(key=lambda e: (e[3], e[4]))
-    infos, expected = [], 0
+    infos: list[TensorInfo] = []
+    expected = 0
     for name, dtype, shape, begin, end in entries:
         if begin != expected:
             what = "overlaps the previous tensor" if begin < expected else "leaves a hole before it"
@@ -126,7 +134,7 @@ def parse(root: np.ndarray):
     return metadata, {info.name: info for info in infos}
 
 
-def _entry(name, entry):
+def _entry(name: str, entry: object) -> tuple[str, str, tuple[int, ...], int, int]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise WeightFormatError(f"tensor {name!r}: needs exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -141,7 +149,7 @@ def _entry(name, entry):
     return name, dtype, tuple(shape), offsets[0], offsets[1]
 
 
-def _check_viewable(name, dtype: str, shape: list) -> None:
+def _check_viewable(name: str, dtype: str, shape: list[int]) -> None:
     """A shape numpy can view: at most 64 dims, and the product of the non-zero dims times
     the item size fits in an intp (numpy checks it even when another dim is 0)."""
     if len(shape) > MAX_DIMS:
@@ -157,7 +165,8 @@ def _check_viewable(name, dtype: str, shape: list) -> None:
                                         "view it)")
 
 
-def _info(TensorInfo, name, dtype, shape, offset, nbytes):
+def _info(TensorInfo: type[TensorInfo], name: str, dtype: str, shape: tuple[int, ...],
+          offset: int, nbytes: int) -> TensorInfo:
     bits, _ = DTYPES[dtype]
     np_dtype = numpy_dtype(dtype)
     if np_dtype is not None:
@@ -197,7 +206,8 @@ def _umask() -> int:
     return 0o022
 
 
-def save_safetensors(path, tensors, metadata: dict | None = None) -> None:
+def save_safetensors(path: StrOrBytesPath, tensors: Mapping[str, npt.ArrayLike],
+                     metadata: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` (name -> array) to a safetensors file, one tensor at a time.
 
     The whole file is never built in memory: the header is written, then each array's
@@ -234,13 +244,14 @@ def save_safetensors(path, tensors, metadata: dict | None = None) -> None:
     if metadata is not None and (not isinstance(metadata, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise WeightFormatError("metadata must map strings to strings")
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
     for name, value in tensors.items():
         if not isinstance(name, str) or name == "__metadata__":
             raise WeightFormatError(f"tensor names must be strings other than __metadata__: {name!r}")
         arrays[name] = np.asarray(value)
     order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
-    header, offset = {}, 0
+    header: dict[str, Any] = {}
+    offset = 0
     if metadata:
         header["__metadata__"] = dict(metadata)
     for name in order:
