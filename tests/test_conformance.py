@@ -1,11 +1,14 @@
 """The allocator conformance suite: every allocator, the same contract (as Zig's testAllocator)."""
 
+import mmap
+
 import numpy as np
 import pytest
 
 import zigmem as zm
 
-SIZES = [0, 1, 7, 64, 4095, 4096, 4097, 65536, 1 << 20, 5 << 20]
+PAGE = mmap.PAGESIZE
+SIZES = [0, 1, 7, 64, PAGE - 1, PAGE, PAGE + 1, 65536, 1 << 20, 5 << 20]
 
 
 def pattern(n, seed):
@@ -83,8 +86,8 @@ def test_resize_in_place_changes_size_only_on_success(any_allocator):
 
 def test_zero_length_is_well_defined(any_allocator):
     allocator, _ = any_allocator
-    a, b = allocator.alloc(0), allocator.alloc(0, alignment=4096)
-    assert np.asarray(a).size == 0 and b.address % 4096 == 0
+    a, b = allocator.alloc(0), allocator.alloc(0, alignment=PAGE)
+    assert np.asarray(a).size == 0 and b.address % PAGE == 0
     grown = allocator.realloc(a, 100)
     np.asarray(grown)[:] = 9
     assert (np.asarray(grown) == 9).all()
