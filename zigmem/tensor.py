@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Sequence
-from typing import Any, SupportsIndex, TypeAlias, cast
+from collections.abc import Sequence
+from typing import Any, SupportsIndex, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -213,13 +213,13 @@ class Tensor(OwnsCState):
 _structs: list[CData] = []
 
 
-def _as_shape(shape: ShapeLike) -> tuple[SupportsIndex, ...]:
+def _as_shape(shape: Any) -> tuple[SupportsIndex, ...]:
+    """``shape`` as a tuple: one integer, or anything iterable (whatever the user passed:
+    Any, as it is checked here and by C; a non-iterable is InvalidArgumentError)."""
     if isinstance(shape, int) or (hasattr(shape, "__index__") and not hasattr(shape, "__len__")):
         return (shape,)
     try:
-        # Not one integer: a sequence, or an object tuple() refuses with the TypeError below
-        # (cast, not narrowed: mypy cannot follow the hasattr test above).
-        return tuple(cast("Iterable[SupportsIndex]", shape))
+        return tuple(shape)
     except TypeError:
         raise InvalidArgumentError(
             f"shape must be a sequence of integers, not {type(shape).__name__}") from None
