@@ -25,6 +25,7 @@ from .errors import (
 )
 from .failing_allocator import FailingAllocator
 from .fixed_buffer_allocator import FixedBufferAllocator
+from . import ops
 from .kv_cache import KVCache
 from .general_purpose_allocator import GeneralPurposeAllocator, GeneralPurposeStats, LeakedBlock
 from .page_allocator import PageAllocator, page_allocator
@@ -39,7 +40,7 @@ __all__ = [
     "Allocator", "ArenaAllocator", "Buffer", "CountingAllocator", "CountingStats",
     "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
     "LeakedBlock", "PageAllocator", "page_allocator",
-    "memory_report", "testing", "Scope", "Tensor", "KVCache",
+    "memory_report", "ops", "testing", "Scope", "Tensor", "KVCache",
     "load_weights", "WeightFile", "TensorInfo", "save_safetensors",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",

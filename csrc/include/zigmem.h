@@ -286,6 +286,34 @@ int zm_tensor_init(zm_tensor_t *t, zm_allocator_t a, const int64_t *shape, size_
                    size_t itemsize);
 void zm_tensor_deinit(zm_tensor_t *t, zm_allocator_t a);
 
+/* ---------------------------------------------------------------- ops (ops.c)
+ *
+ * The fused per-step kernels of a llama forward pass, on C-contiguous float32 rows, writing
+ * into caller memory (out may be x for zm_rope). Row i of an n-row call is bitwise equal to
+ * the 1-row call for that row. Bad geometry: ZM_ERR_INVALID_ARG (the caller checks buffer
+ * sizes: these kernels trust them). */
+enum { ZM_SIMD_PORTABLE = 0, ZM_SIMD_AVX2 = 1 };
+/* The SIMD path the ops use: at most `wanted` (-1: just ask), capped at what the CPU has;
+ * returns the previous one. ZIGMEM_SIMD=portable in the environment starts portable. Both
+ * paths give bitwise equal results. */
+int zm_ops_simd(int wanted);
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight */
+int zm_rms_norm(const float *x, const float *weight, float *out, size_t rows, size_t dim,
+                float eps);
+/* Rotate adjacent pairs (2i, 2i+1) of x[rows][heads][head_dim] by row r's angles, the table
+ * row start + r of cos/sin[table_rows][head_dim / 2]. */
+int zm_rope(const float *x, float *out, size_t rows, size_t heads, size_t head_dim,
+            const float *cos_table, const float *sin_table, size_t table_rows, size_t start);
+/* out = gate * sigmoid(gate) * up, n elements */
+int zm_silu_mul(const float *gate, const float *up, float *out, size_t n);
+/* Causal grouped-query attention: q[rows][n_heads][head_dim], the query of row r at position
+ * start + r, over keys/values[kv_len][n_kv_heads][head_dim] (float16 bits), scale
+ * 1/sqrt(head_dim), float32 math; out like q; scratch holds kv_len floats. */
+int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_dim,
+                     const uint16_t *keys, const uint16_t *values, size_t n_kv_heads,
+                     size_t kv_len, size_t start, float *out, float *scratch,
+                     size_t scratch_len);
+
 /* ---------------------------------------------------------------- weight files */
 
 /* A file mapped into memory: shared read-only, or private copy-on-write (WRITABLE). */
