@@ -32,7 +32,8 @@ from .page_allocator import PageAllocator, page_allocator
 from .report import memory_report
 from .scope import Scope
 from .tensor import Tensor
-from .weights import TensorInfo, WeightFile, load_weights, save_safetensors
+from .threads import get_num_threads, set_num_threads
+from .weights import QuantizedMatrix, TensorInfo, WeightFile, load_weights, save_safetensors
 
 __version__ = "0.1.0"
 
@@ -41,7 +42,8 @@ __all__ = [
     "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
     "LeakedBlock", "PageAllocator", "page_allocator",
     "memory_report", "ops", "testing", "Scope", "Tensor", "KVCache",
-    "load_weights", "WeightFile", "TensorInfo", "save_safetensors",
+    "load_weights", "WeightFile", "TensorInfo", "QuantizedMatrix", "save_safetensors",
+    "set_num_threads", "get_num_threads",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",
     "LeakError", "DanglingViewError", "ArenaEscapeError", "WeightFormatError",
