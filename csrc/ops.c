@@ -31,7 +31,7 @@ static int ops_level = -1; /* -1: not chosen yet; else ZM_SIMD_PORTABLE / ZM_SIM
 
 static int detect_level(void) {
 #ifdef ZM_OPS_X86
-    const char *forced = getenv("ZIGMEM_SIMD");
+    const char *forced = getenv("ZIGMEM_KERNELS");
     if (forced && strcmp(forced, "portable") == 0) return ZM_SIMD_PORTABLE;
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return ZM_SIMD_AVX2;
@@ -179,16 +179,32 @@ static inline void axpy_f16(float *out, float p, const uint16_t *v, size_t n, in
     axpy_f16_portable(out, p, v, n);
 }
 
+/* ZM_ERR_INVALID_ARG, with the report's size saying which check failed (ZM_OPS_*). */
 static int invalid(size_t what) {
     zm_fail(ZM_ERR_INVALID_ARG, what, 0, 0);
     return ZM_ERR_INVALID_ARG;
+}
+
+/* Whether [a, a + na) and [b, b + nb) (counts of float-sized or half-sized elements, given
+ * in bytes) share a byte. */
+static bool overlap(const void *a, size_t a_bytes, const void *b, size_t b_bytes) {
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return a_bytes && b_bytes && x < y + b_bytes && y < x + a_bytes;
+}
+
+/* out may be exactly `same` (read before written, element by element) but must not overlap
+ * it otherwise. */
+static bool bad_alias(const float *out, const float *same, size_t n) {
+    return out != same && overlap(out, n * sizeof(float), same, n * sizeof(float));
 }
 
 /* ---------------------------------------------------------------- kernels */
 
 int zm_rms_norm(const float *x, const float *weight, float *out, size_t rows, size_t dim,
                 float eps) {
-    if (!dim || !(eps >= 0.0f)) return invalid(dim);
+    if (!dim || !(eps >= 0.0f)) return invalid(ZM_OPS_GEOMETRY);
+    if (bad_alias(out, x, rows * dim) || overlap(out, rows * dim * 4, weight, dim * 4))
+        return invalid(ZM_OPS_OVERLAP);
     int l = level();
     for (size_t r = 0; r < rows; r++) {
         const float *xr = x + r * dim;
@@ -203,8 +219,12 @@ int zm_rms_norm(const float *x, const float *weight, float *out, size_t rows, si
 int zm_rope(const float *x, float *out, size_t rows, size_t heads, size_t head_dim,
             const float *cos_table, const float *sin_table, size_t table_rows, size_t start) {
     size_t half = head_dim / 2;
+    size_t n = rows * heads * head_dim, table = table_rows * half * sizeof(float);
     if (head_dim % 2 || !head_dim || start > table_rows || rows > table_rows - start)
-        return invalid(head_dim);
+        return invalid(ZM_OPS_GEOMETRY);
+    if (bad_alias(out, x, n) || overlap(out, n * 4, cos_table, table) ||
+        overlap(out, n * 4, sin_table, table))
+        return invalid(ZM_OPS_OVERLAP);
     for (size_t r = 0; r < rows; r++) {
         const float *c = cos_table + (start + r) * half, *s = sin_table + (start + r) * half;
         for (size_t h = 0; h < heads; h++) {
@@ -221,6 +241,7 @@ int zm_rope(const float *x, float *out, size_t rows, size_t heads, size_t head_d
 }
 
 int zm_silu_mul(const float *gate, const float *up, float *out, size_t n) {
+    if (bad_alias(out, gate, n) || bad_alias(out, up, n)) return invalid(ZM_OPS_OVERLAP);
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
@@ -234,9 +255,14 @@ int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_di
                      size_t scratch_len) {
     if (!n_kv_heads || !head_dim || n_heads % n_kv_heads || start + rows > kv_len ||
         scratch_len < kv_len)
-        return invalid(kv_len);
-    int l = level();
+        return invalid(ZM_OPS_GEOMETRY);
     size_t group = n_heads / n_kv_heads, kv_row = n_kv_heads * head_dim;
+    size_t q_bytes = rows * n_heads * head_dim * 4, kv_bytes = kv_len * kv_row * 2;
+    if (overlap(out, q_bytes, q, q_bytes) || overlap(out, q_bytes, keys, kv_bytes) ||
+        overlap(out, q_bytes, values, kv_bytes) || overlap(out, q_bytes, scratch, kv_len * 4) ||
+        overlap(scratch, kv_len * 4, q, q_bytes))
+        return invalid(ZM_OPS_OVERLAP);
+    int l = level();
     float scale = 1.0f / sqrtf((float)head_dim);
     for (size_t r = 0; r < rows; r++) {
         size_t len = start + r + 1; /* causal: position start + r sees 0 ..= start + r */
