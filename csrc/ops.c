@@ -80,6 +80,58 @@ static inline float reduce_lanes(const float l[LANES]) {
     return (a0 + a2) + (a1 + a3);
 }
 
+/* exp(x) in float32 with the same arithmetic on every path: Cody-Waite reduction by ln 2
+ * and Cephes' degree-6 polynomial (within 2 ulp of expf), then 2^n from the exponent bits.
+ * x is clamped to [-87, 88], where 2^n stays a normal float; NaN turns into the upper
+ * clamp, as the SIMD min does. Written as mul-then-add so the vector twin matches bitwise. */
+#define EXP_HI 88.0f
+#define EXP_LO (-87.0f)
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_C1 0.693359375f
+#define EXP_C2 (-2.12194440e-4f)
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
+static inline float exp_portable(float x) {
+    x = x < EXP_HI ? x : EXP_HI; /* as minps / maxps: the second operand when unordered */
+    x = x > EXP_LO ? x : EXP_LO;
+    float fx = floorf(x * EXP_LOG2E + 0.5f);
+    float r = x - fx * EXP_C1;
+    r = r - fx * EXP_C2;
+    float z = r * r;
+    float y = EXP_P0 * r + EXP_P1;
+    y = y * r + EXP_P2;
+    y = y * r + EXP_P3;
+    y = y * r + EXP_P4;
+    y = y * r + EXP_P5;
+    y = y * z + r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)fx + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+static void silu_mul_portable(const float *gate, const float *up, float *out, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = g / (1.0f + exp_portable(-g)) * up[i];
+    }
+}
+
+/* p[t] = exp(p[t] - shift), then their sum in index order. */
+static float softmax_exp_portable(float *p, size_t n, float shift) {
+    float sum = 0.0f;
+    for (size_t t = 0; t < n; t++) {
+        p[t] = exp_portable(p[t] - shift);
+        sum += p[t];
+    }
+    return sum;
+}
+
 static float dot_f32_portable(const float *a, const float *b, size_t n) {
     float acc[LANES] = {0};
     size_t i = 0;
@@ -150,6 +202,48 @@ __attribute__((target("avx2,f16c"))) static void axpy_f16_avx2(float *out, float
     }
     for (; i < n; i++) out[i] += p * half_to_float(v[i]);
 }
+
+__attribute__((target("avx2,f16c"))) static inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_min_ps(x, _mm256_set1_ps(EXP_HI));
+    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO));
+    __m256 fx = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)),
+                                              _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(EXP_C1)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(fx, _mm256_set1_ps(EXP_C2)));
+    __m256 z = _mm256_mul_ps(r, r);
+    __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(EXP_P0), r), _mm256_set1_ps(EXP_P1));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(EXP_P2));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(EXP_P3));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(EXP_P4));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(EXP_P5));
+    y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, z), r), _mm256_set1_ps(1.0f));
+    __m256i n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+}
+
+__attribute__((target("avx2,f16c"))) static void silu_mul_avx2(const float *gate, const float *up,
+                                                               float *out, size_t n) {
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        __m256 o = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(o, _mm256_loadu_ps(up + i)));
+    }
+    silu_mul_portable(gate + i, up + i, out + i, n - i);
+}
+
+__attribute__((target("avx2,f16c"))) static float softmax_exp_avx2(float *p, size_t n,
+                                                                   float shift) {
+    __m256 s = _mm256_set1_ps(shift);
+    size_t t = 0;
+    for (; t + LANES <= n; t += LANES)
+        _mm256_storeu_ps(p + t, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p + t), s)));
+    for (; t < n; t++) p[t] = exp_portable(p[t] - shift);
+    float sum = 0.0f; /* in index order, as the portable path */
+    for (t = 0; t < n; t++) sum += p[t];
+    return sum;
+}
 #endif
 
 static inline float dot_f32(const float *a, const float *b, size_t n, int l) {
@@ -180,6 +274,25 @@ static inline void axpy_f16(float *out, float p, const uint16_t *v, size_t n, in
 }
 
 /* ZM_ERR_INVALID_ARG, with the report's size saying which check failed (ZM_OPS_*). */
+static inline void silu_mul(const float *gate, const float *up, float *out, size_t n, int l) {
+#ifdef ZM_OPS_X86
+    if (l >= ZM_SIMD_AVX2) {
+        silu_mul_avx2(gate, up, out, n);
+        return;
+    }
+#endif
+    (void)l;
+    silu_mul_portable(gate, up, out, n);
+}
+
+static inline float softmax_exp(float *p, size_t n, float shift, int l) {
+#ifdef ZM_OPS_X86
+    if (l >= ZM_SIMD_AVX2) return softmax_exp_avx2(p, n, shift);
+#endif
+    (void)l;
+    return softmax_exp_portable(p, n, shift);
+}
+
 static int invalid(size_t what) {
     zm_fail(ZM_ERR_INVALID_ARG, what, 0, 0);
     return ZM_ERR_INVALID_ARG;
@@ -242,10 +355,7 @@ int zm_rope(const float *x, float *out, size_t rows, size_t heads, size_t head_d
 
 int zm_silu_mul(const float *gate, const float *up, float *out, size_t n) {
     if (bad_alias(out, gate, n) || bad_alias(out, up, n)) return invalid(ZM_OPS_OVERLAP);
-    for (size_t i = 0; i < n; i++) {
-        float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
-    }
+    silu_mul(gate, up, out, n, level());
     return ZM_OK;
 }
 
@@ -276,12 +386,7 @@ int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_di
                 scratch[t] = s;
                 if (s > best) best = s;
             }
-            float sum = 0.0f;
-            for (size_t t = 0; t < len; t++) {
-                float p = expf(scratch[t] - best);
-                scratch[t] = p;
-                sum += p;
-            }
+            float sum = softmax_exp(scratch, len, best, l);
             memset(o, 0, head_dim * sizeof *o);
             for (size_t t = 0; t < len; t++)
                 axpy_f16(o, scratch[t], values + t * kv_row + kv, head_dim, l);
