@@ -152,6 +152,10 @@ class Llama:
             raise
 
     def _check_ids(self, token_ids) -> np.ndarray:
+        # The decode step's one token, [int], in a few compares instead of array reductions.
+        if (type(token_ids) is list and len(token_ids) == 1 and type(token_ids[0]) is int
+                and 0 <= token_ids[0] < self.vocab_size and self.cache.seq_len < self.context):
+            return np.array(token_ids, np.int64)
         ids = np.asarray(token_ids)
         if ids.size and ids.dtype.kind not in "iu" or ids.ndim > 1:
             raise zm.InvalidArgumentError(
