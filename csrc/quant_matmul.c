@@ -15,7 +15,7 @@
  * Both schedules feed an accumulator the same products in the same order (chunks are
  * multiples of L, and the accumulator state is carried exactly between chunks), blocking
  * never mixes two elements' sums, and dequantized values are the same floats on every path
- * (dequant.c, dequant_avx512.c). So the bits of an element depend only on the columns and
+ * (dequant.c, dequant_avx2.c, dequant_avx512.c). So the bits of an element depend only on the columns and
  * the kernel path: not on n, not on which rows share a task, not on the thread count.
  *
  * Kernel paths are chosen at run time: AVX-512 and AVX2 + FMA functions are compiled with
@@ -164,7 +164,8 @@ static TARGET_AVX512 void accumulate_avx512(const float *const *w, unsigned nw, 
 
 static const kernels_t paths[] = {
     [ZM_KERNELS_PORTABLE] = {"portable", accumulate_portable, 8, 4, zm_dequant_kernel, NULL},
-    [ZM_KERNELS_AVX2] = {"avx2", accumulate_avx2, 8, 2, zm_dequant_kernel, NULL},
+    [ZM_KERNELS_AVX2] = {"avx2", accumulate_avx2, 8, 2, zm_dequant_kernel_avx2,
+                         zm_fused_kernel_avx2},
     [ZM_KERNELS_AVX512] = {"avx512", accumulate_avx512, 16, 4, zm_dequant_kernel_avx512,
                            zm_fused_kernel_avx512},
 };
