@@ -386,6 +386,37 @@ int zm_tensor_init(zm_tensor_t *t, zm_allocator_t a, const int64_t *shape, size_
                    size_t itemsize);
 void zm_tensor_deinit(zm_tensor_t *t, zm_allocator_t a);
 
+/* ---------------------------------------------------------------- ops (ops.c)
+ *
+ * The fused per-step kernels of a llama forward pass, on C-contiguous float32 rows, writing
+ * into caller memory. Row i of an n-row call is bitwise equal to the 1-row call for that
+ * row. Elementwise kernels accept out == an input (exactly); any other overlap of out with
+ * an input, or bad geometry, is ZM_ERR_INVALID_ARG with the report's size saying which
+ * (ZM_OPS_OVERLAP / ZM_OPS_GEOMETRY). Buffer sizes follow from the geometry: the caller
+ * checks them, these kernels trust them. */
+enum { ZM_SIMD_PORTABLE = 0, ZM_SIMD_AVX2 = 1 };
+enum { ZM_OPS_GEOMETRY = 1, ZM_OPS_OVERLAP = 2 };
+/* The SIMD path the ops use: at most `wanted` (-1: just ask), capped at what the CPU has;
+ * returns the previous one. ZIGMEM_KERNELS=portable in the environment starts portable. Both
+ * paths give bitwise equal results. */
+int zm_ops_simd(int wanted);
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight */
+int zm_rms_norm(const float *x, const float *weight, float *out, size_t rows, size_t dim,
+                float eps);
+/* Rotate adjacent pairs (2i, 2i+1) of x[rows][heads][head_dim] by row r's angles, the table
+ * row start + r of cos/sin[table_rows][head_dim / 2]. */
+int zm_rope(const float *x, float *out, size_t rows, size_t heads, size_t head_dim,
+            const float *cos_table, const float *sin_table, size_t table_rows, size_t start);
+/* out = gate * sigmoid(gate) * up, n elements */
+int zm_silu_mul(const float *gate, const float *up, float *out, size_t n);
+/* Causal grouped-query attention: q[rows][n_heads][head_dim], the query of row r at position
+ * start + r, over keys/values[kv_len][n_kv_heads][head_dim] (float16 bits), scale
+ * 1/sqrt(head_dim), float32 math; out like q; scratch holds kv_len floats. */
+int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_dim,
+                     const uint16_t *keys, const uint16_t *values, size_t n_kv_heads,
+                     size_t kv_len, size_t start, float *out, float *scratch,
+                     size_t scratch_len);
+
 /* ---------------------------------------------------------------- weight files */
 
 /* A file mapped into memory: shared read-only, or private copy-on-write (WRITABLE). */
@@ -474,7 +505,8 @@ int zm_dequantize(uint32_t type, const void *src, size_t n, float *dst);
 
 /* out[n][rows] = x[n][cols] @ W^T. Types: those of zm_dequantize. Scratch comes from the
  * pool's allocator (zm_pool_set_allocator). ZM_ERR_INVALID_ARG: unsupported type or cols
- * not a multiple of its block; ZM_ERR_OUT_OF_MEMORY: scratch refused (out untouched). */
+ * not a multiple of its block, or out overlapping x or W (report.limit = 1);
+ * ZM_ERR_OUT_OF_MEMORY: scratch refused. On any error out is untouched. */
 int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, const float *x,
                     size_t n, float *out);
 /* out[i][cols] = row ids[i] of W, dequantized. Every id is checked before anything is
