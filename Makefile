@@ -53,7 +53,7 @@ sanitize:
 	  out=csrc/tests/out/$$(basename $$t .c); \
 	  $(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
 	    -fno-sanitize-recover=undefined $(CFLAGS_COMMON) -Icsrc/tests $$t $(CSRC) \
-	    -lpthread -o $$out; \
+	    -lpthread -lm -o $$out; \
 	  echo "== $$out"; ASAN_OPTIONS=detect_leaks=1 $$out; \
 	done
 

@@ -28,6 +28,7 @@ from .fixed_buffer_allocator import FixedBufferAllocator
 from .kv_cache import KVCache
 from .general_purpose_allocator import GeneralPurposeAllocator, GeneralPurposeStats, LeakedBlock
 from .page_allocator import PageAllocator, page_allocator
+from .paged_kv_cache import PagedKVCache, PagedKVStats
 from .report import memory_report
 from .scope import Scope
 from .tensor import Tensor
@@ -39,7 +40,7 @@ __all__ = [
     "Allocator", "ArenaAllocator", "Buffer", "CountingAllocator", "CountingStats",
     "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
     "LeakedBlock", "PageAllocator", "page_allocator",
-    "memory_report", "testing", "Scope", "Tensor", "KVCache",
+    "memory_report", "testing", "Scope", "Tensor", "KVCache", "PagedKVCache", "PagedKVStats",
     "load_weights", "WeightFile", "TensorInfo", "save_safetensors",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",
