@@ -42,6 +42,7 @@ bench: install
 	./bench/out/bench_core
 	$(PY) bench/bench_python.py
 	$(PY) bench/bench_kv_cache.py
+	$(PY) bench/bench_paged_kv.py
 	$(PY) bench/bench_weights.py
 	$(PY) bench/bench_demo.py
 

@@ -690,6 +690,11 @@ void zm_paged_kv_stats(zm_paged_kv_t *kv, zm_paged_kv_stats_t *out) {
     pthread_mutex_unlock(&kv->lock);
 }
 
+void zm_paged_kv_pool_span(zm_paged_kv_t *kv, uintptr_t *address, size_t *nbytes) {
+    *address = (uintptr_t)kv->pool;
+    *nbytes = kv->pool_bytes;
+}
+
 int32_t zm_paged_kv_refcount(zm_paged_kv_t *kv, int32_t block) {
     if (block < 0 || (size_t)block >= kv->num_blocks) return -1;
     pthread_mutex_lock(&kv->lock);

@@ -654,3 +654,13 @@ def test_threads_share_one_cache():
     assert cache.stats.blocks_in_use == 0
     cache._check()
     cache.deinit()
+
+
+def test_resident_bytes_follow_the_blocks_written():
+    with zm.PagedKVCache(zm.PageAllocator(), 4, 4, 64, num_blocks=64, block_size=16) as cache:
+        assert cache.resident_bytes() == 0  # a fresh mapping: nothing touched yet
+        s = cache.add_sequence()
+        x = np.ones((40, 4, 64), np.float32)
+        full_step(cache, s, [x] * 4, [x] * 4)
+        block = cache.stats.block_bytes
+        assert 3 * block <= cache.resident_bytes() <= 3 * block + 2 * 4096

@@ -417,6 +417,24 @@ class PagedKVCache:
                 raise AssertionError(
                     f"PagedKVCache bookkeeping broken: check {report.given} at {report.offset}")
 
+    def _pool_span(self) -> tuple[int, int]:
+        """(address, nbytes) of the block pool, to measure its resident pages."""
+        address, nbytes = ffi.new("uintptr_t *"), ffi.new("size_t *")
+        with self._lock:
+            lib.zm_paged_kv_pool_span(self._open(), address, nbytes)
+        return int(address[0]), int(nbytes[0])
+
+    def resident_bytes(self) -> int:
+        """Bytes of the pool in RAM now (pages never written cost nothing on the page
+        allocator)."""
+        import mmap
+
+        from ._residency import resident_bytes
+
+        address, nbytes = self._pool_span()
+        start = address & ~(mmap.PAGESIZE - 1)  # mincore wants whole pages
+        return resident_bytes(start, address + nbytes - start)
+
     def _refcount(self, block: int) -> int:
         with self._lock:
             return int(lib.zm_paged_kv_refcount(self._open(), block))

@@ -39,6 +39,7 @@ int zm_paged_kv_block_table(zm_paged_kv_t *kv, int64_t id, int32_t *out, size_t 
 int zm_paged_kv_gather(zm_paged_kv_t *kv, int64_t id, size_t layer, int which, void *out,
                        size_t n);
 void zm_paged_kv_stats(zm_paged_kv_t *kv, zm_paged_kv_stats_t *out);
+void zm_paged_kv_pool_span(zm_paged_kv_t *kv, uintptr_t *address, size_t *nbytes);
 int32_t zm_paged_kv_refcount(zm_paged_kv_t *kv, int32_t block);
 int zm_paged_kv_check(zm_paged_kv_t *kv);
 int zm_paged_kv_attention(zm_paged_kv_t *kv, size_t layer, const int64_t *ids,

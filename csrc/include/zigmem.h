@@ -420,6 +420,8 @@ int zm_paged_kv_block_table(zm_paged_kv_t *kv, int64_t id, int32_t *out, size_t 
 int zm_paged_kv_gather(zm_paged_kv_t *kv, int64_t id, size_t layer, int which, void *out,
                        size_t n);
 void zm_paged_kv_stats(zm_paged_kv_t *kv, zm_paged_kv_stats_t *out);
+/* Where the pool lies (to measure its resident pages). */
+void zm_paged_kv_pool_span(zm_paged_kv_t *kv, uintptr_t *address, size_t *nbytes);
 /* The block's reference count, or -1 for no such block (tests). */
 int32_t zm_paged_kv_refcount(zm_paged_kv_t *kv, int32_t block);
 /* Verify the bookkeeping (every block in exactly one state, refcounts equal the tables'
