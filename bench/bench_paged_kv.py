@@ -25,7 +25,6 @@ import time
 import numpy as np
 
 import zigmem as zm
-import zigmem.paged_kv_cache as paged_module
 
 LAYERS, KV_HEADS, HEADS, DIM, CONTEXT, BLOCK = 30, 3, 9, 64, 2048, 16
 CONVERSATIONS = 8
@@ -152,11 +151,10 @@ def attention(rounds: int = 60) -> None:
         scores /= scores.sum(-1, keepdims=True)
         return (scores @ vv.astype(np.float32, copy=False)).reshape(seqs_n, HEADS, DIM)
 
-    chosen = paged_module._attention_threads
-    default_threads = chosen()
+    default_threads = zm.get_num_threads()
 
     def paged(threads):
-        paged_module._attention_threads = lambda: threads
+        zm.set_num_threads(threads)
         cache.attention(0, ids, q, out=out)
 
     cases = {
@@ -185,7 +183,7 @@ def attention(rounds: int = 60) -> None:
         m = statistics.median(ts)
         print(f"    {name:<44} {m * 1e3:7.3f} ms   {m / base:5.2f}x")
     print(f"    largest difference paged vs numpy float32: {worst:.2e} (target: time <= 1.2x)")
-    paged_module._attention_threads = chosen
+    zm.set_num_threads(default_threads)
     cache.deinit()
 
 

@@ -4,8 +4,8 @@
  * attends causally over the sequence's whole history, grouped-query heads sharing their KV
  * head, float32 math over float16 / bfloat16 / float32 storage, scale 1/sqrt(head_dim).
  *
- * Work is split in tasks of (sequence, KV head, up to ZM_PKV_TASK_ROWS rows), taken from an
- * atomic counter by this thread and n_threads - 1 helpers. A task's result depends only on
+ * Work is split in tasks of (sequence, KV head, up to ZM_PKV_TASK_ROWS rows), run by the
+ * core's worker pool (thread_pool.c, zm_set_num_threads). A task's result depends only on
  * its own sequence and rows (see paged_attention_kernel.h), so the output is the same bits
  * whatever the batch, the thread count or the scheduling. The instruction set is chosen once
  * at run time (__builtin_cpu_supports): AVX-512, AVX2 + F16C + FMA, or portable C.
@@ -33,8 +33,14 @@ enum {
     ZM_PKV_STATE_FLOATS = 4096, /* running outputs of the rows x heads in flight */
     ZM_PKV_STATES = 256,        /* rows x heads in flight, at most */
     ZM_PKV_TASK_ROWS = 32,      /* a long prefill is split so that threads share it */
-    ZM_PKV_MAX_THREADS = 64,
+    ZM_PKV_MAX_WORKERS = 256,   /* the pool's limit */
 };
+
+/* Where a worker is in the list of sequences: tasks reach each worker in increasing order
+ * (one atomic counter), so it walks the sequences forward only. */
+typedef struct {
+    size_t seq, first_task, first_row;
+} zm_pkv_cursor_t;
 
 /* One attention call, shared by the threads that work on it. */
 typedef struct zm_pkv_attention {
@@ -45,32 +51,10 @@ typedef struct zm_pkv_attention {
     const float *q;
     float *out;
     size_t n_tasks;
-    size_t next_task; /* atomic */
+    zm_pkv_cursor_t cursors[ZM_PKV_MAX_WORKERS];
     void (*task)(const struct zm_pkv_attention *, const zm_pkv_seq_t *, size_t, size_t,
                  size_t, size_t, const float *, float *);
 } zm_pkv_attention_t;
-
-/* IEEE half to float, exactly (as dequant.c). */
-static inline float zm_half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-        bits = sign;
-    } else {
-        int e = -1;
-        do {
-            e++;
-            man <<= 1;
-        } while (!(man & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 /* ---------------------------------------------------------------- the kernel, three times */
 
@@ -140,30 +124,25 @@ static size_t tasks_of(const zm_pkv_attention_t *c, size_t q_len) {
     return c->kv->n_kv_heads * ((q_len + ZM_PKV_TASK_ROWS - 1) / ZM_PKV_TASK_ROWS);
 }
 
-/* Take tasks until none is left. The cursor walks the sequences forward only, since the
- * counter hands each thread increasing task numbers. */
-static void *work(void *arg) {
-    const zm_pkv_attention_t *c = arg;
+/* One task: KV head g of up to ZM_PKV_TASK_ROWS rows of one sequence. */
+static void run_task(void *arg, size_t t, unsigned worker) {
+    zm_pkv_attention_t *c = arg;
     zm_paged_kv_t *kv = (zm_paged_kv_t *)c->kv;
-    size_t seq = 0, first_task = 0, first_row = 0;
-    for (;;) {
-        size_t t = __atomic_fetch_add(&((zm_pkv_attention_t *)c)->next_task, 1, __ATOMIC_RELAXED);
-        if (t >= c->n_tasks) return NULL;
-        while (t >= first_task + tasks_of(c, (size_t)c->q_lens[seq])) {
-            first_task += tasks_of(c, (size_t)c->q_lens[seq]);
-            first_row += (size_t)c->q_lens[seq];
-            seq++;
-        }
-        zm_pkv_seq_t *s;
-        zm_pkv_lookup(kv, c->ids[seq], &s); /* validated before the threads started */
-        size_t q_len = (size_t)c->q_lens[seq], local = t - first_task;
-        size_t g = local % kv->n_kv_heads, chunk = local / kv->n_kv_heads;
-        size_t r0 = chunk * ZM_PKV_TASK_ROWS;
-        size_t r1 = r0 + ZM_PKV_TASK_ROWS < q_len ? r0 + ZM_PKV_TASK_ROWS : q_len;
-        size_t row = c->n_heads * kv->head_dim;
-        c->task(c, s, g, zm_pkv_layer_len(s, c->layer) - q_len, r0, r1,
-                c->q + first_row * row, c->out + first_row * row);
+    zm_pkv_cursor_t *at = &c->cursors[worker];
+    if (t < at->first_task) *at = (zm_pkv_cursor_t){0, 0, 0}; /* never, but stay correct */
+    while (t >= at->first_task + tasks_of(c, (size_t)c->q_lens[at->seq])) {
+        at->first_task += tasks_of(c, (size_t)c->q_lens[at->seq]);
+        at->first_row += (size_t)c->q_lens[at->seq];
+        at->seq++;
     }
+    zm_pkv_seq_t *s;
+    zm_pkv_lookup(kv, c->ids[at->seq], &s); /* validated before the job started */
+    size_t q_len = (size_t)c->q_lens[at->seq], local = t - at->first_task;
+    size_t g = local % kv->n_kv_heads, r0 = local / kv->n_kv_heads * ZM_PKV_TASK_ROWS;
+    size_t r1 = r0 + ZM_PKV_TASK_ROWS < q_len ? r0 + ZM_PKV_TASK_ROWS : q_len;
+    size_t row = c->n_heads * kv->head_dim;
+    c->task(c, s, g, zm_pkv_layer_len(s, c->layer) - q_len, r0, r1, c->q + at->first_row * row,
+            c->out + at->first_row * row);
 }
 
 /* Check every argument before any output is written. */
@@ -189,7 +168,7 @@ static int validate(zm_paged_kv_t *kv, zm_pkv_attention_t *c) {
 
 int zm_paged_kv_attention(zm_paged_kv_t *kv, size_t layer, const int64_t *ids,
                           const int64_t *q_lens, size_t n_seqs, const float *q,
-                          size_t n_heads, float *out, size_t n_threads) {
+                          size_t n_heads, float *out) {
     size_t tile = ZM_PKV_TILE_FLOATS / kv->head_dim;
     zm_pkv_attention_t c = {
         .kv = kv, .layer = layer, .n_heads = n_heads, .n_seqs = n_seqs,
@@ -199,16 +178,7 @@ int zm_paged_kv_attention(zm_paged_kv_t *kv, size_t layer, const int64_t *ids,
     };
     pthread_mutex_lock(&kv->lock);
     int status = validate(kv, &c);
-    if (!status) {
-        pthread_t helpers[ZM_PKV_MAX_THREADS];
-        size_t n_helpers = 0, want = n_threads < c.n_tasks ? n_threads : c.n_tasks;
-        if (want > ZM_PKV_MAX_THREADS) want = ZM_PKV_MAX_THREADS;
-        /* a helper that cannot start is no error: the others take its share */
-        for (; n_helpers + 1 < want; n_helpers++)
-            if (pthread_create(&helpers[n_helpers], NULL, work, &c)) break;
-        work(&c);
-        for (size_t i = 0; i < n_helpers; i++) pthread_join(helpers[i], NULL);
-    }
+    if (!status) status = zm_pool_run(run_task, &c, c.n_tasks, 0); /* no scratch: cannot fail */
     pthread_mutex_unlock(&kv->lock);
     return status;
 }

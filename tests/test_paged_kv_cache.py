@@ -484,6 +484,13 @@ def test_attention_is_batch_invariant_bitwise(dtype):
     q_lens = [4, 1, 7, 1, 2]
     q = rng.standard_normal((sum(q_lens), 9, 64)).astype(np.float32)
     batch = cache.attention(0, ids, q, q_lens=q_lens)
+    threads = zm.get_num_threads()
+    try:
+        for n in (1, 3):  # the worker pool's size changes nothing
+            zm.set_num_threads(n)
+            assert np.array_equal(cache.attention(0, ids, q, q_lens=q_lens), batch)
+    finally:
+        zm.set_num_threads(threads)
     starts = np.cumsum([0] + q_lens)
     for i, s in enumerate(ids):  # alone, and among others in another order
         mine = q[starts[i]: starts[i + 1]]

@@ -25,6 +25,7 @@ from .errors import (
 )
 from .failing_allocator import FailingAllocator
 from .fixed_buffer_allocator import FixedBufferAllocator
+from . import ops
 from .kv_cache import KVCache
 from .general_purpose_allocator import GeneralPurposeAllocator, GeneralPurposeStats, LeakedBlock
 from .page_allocator import PageAllocator, page_allocator
@@ -32,7 +33,8 @@ from .paged_kv_cache import PagedKVCache, PagedKVStats
 from .report import memory_report
 from .scope import Scope
 from .tensor import Tensor
-from .weights import TensorInfo, WeightFile, load_weights, save_safetensors
+from .threads import get_num_threads, set_num_threads
+from .weights import QuantizedMatrix, TensorInfo, WeightFile, load_weights, save_safetensors
 
 __version__ = "0.1.0"
 
@@ -40,8 +42,9 @@ __all__ = [
     "Allocator", "ArenaAllocator", "Buffer", "CountingAllocator", "CountingStats",
     "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
     "LeakedBlock", "PageAllocator", "page_allocator",
-    "memory_report", "testing", "Scope", "Tensor", "KVCache", "PagedKVCache", "PagedKVStats",
-    "load_weights", "WeightFile", "TensorInfo", "save_safetensors",
+    "memory_report", "ops", "testing", "Scope", "Tensor", "KVCache", "PagedKVCache",
+    "PagedKVStats", "load_weights", "WeightFile", "TensorInfo", "QuantizedMatrix",
+    "save_safetensors", "set_num_threads", "get_num_threads",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",
     "LeakError", "DanglingViewError", "ArenaEscapeError", "WeightFormatError",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -299,7 +298,8 @@ class PagedKVCache:
         positions). Each row attends to every position of its sequence up to its own;
         query head h uses KV head ``h // (n_heads // n_kv_heads)``; scores are scaled by
         ``1/sqrt(head_dim)``; the math is float32. Each sequence's rows are bitwise the same
-        whichever other sequences share the call.
+        whichever other sequences share the call, and whatever ``zm.set_num_threads`` says
+        (the C worker pool runs it, in (sequence, KV head, 32 rows) tasks).
 
         Args:
             layer: The layer whose K/V to read (its appends of the current step included).
@@ -354,13 +354,11 @@ class PagedKVCache:
             _check_out(out, q)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         lens = np.ascontiguousarray(lens, dtype=np.int64)
-        threads = _attention_threads()
         with self._lock:
             if lib.zm_paged_kv_attention(
                     self._open(), layer, ffi.from_buffer("int64_t[]", ids),
                     ffi.from_buffer("int64_t[]", lens), ids.size, ffi.from_buffer("float[]", q),
-                    q.shape[1], ffi.from_buffer("float[]", out, require_writable=True),
-                    threads):
+                    q.shape[1], ffi.from_buffer("float[]", out, require_writable=True)):
                 raise paged_kv_failure(f"PagedKVCache.attention(layer {layer})",
                                        index_name="seqs")
         return out
@@ -551,14 +549,3 @@ def _check_out(out, q: np.ndarray) -> None:
         raise InvalidArgumentError("out must be C-contiguous and writeable")
     if np.may_share_memory(out, q):
         raise InvalidArgumentError("out must not overlap q")
-
-
-def _attention_threads() -> int:
-    """Threads for attention: zm.get_num_threads() where the kernels module provides it,
-    else the CPUs this process may run on."""
-    import zigmem
-
-    get = getattr(zigmem, "get_num_threads", None)
-    if get is not None:
-        return max(1, int(get()))
-    return max(1, len(os.sched_getaffinity(0)))

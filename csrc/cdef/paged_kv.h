@@ -44,6 +44,6 @@ int32_t zm_paged_kv_refcount(zm_paged_kv_t *kv, int32_t block);
 int zm_paged_kv_check(zm_paged_kv_t *kv);
 int zm_paged_kv_attention(zm_paged_kv_t *kv, size_t layer, const int64_t *ids,
                           const int64_t *q_lens, size_t n_seqs, const float *q,
-                          size_t n_heads, float *out, size_t n_threads);
+                          size_t n_heads, float *out);
 const char *zm_paged_attention_isa(void);
 int zm_paged_attention_use_isa(const char *name);

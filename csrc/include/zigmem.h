@@ -286,6 +286,34 @@ int zm_tensor_init(zm_tensor_t *t, zm_allocator_t a, const int64_t *shape, size_
                    size_t itemsize);
 void zm_tensor_deinit(zm_tensor_t *t, zm_allocator_t a);
 
+/* ---------------------------------------------------------------- ops (ops.c)
+ *
+ * The fused per-step kernels of a llama forward pass, on C-contiguous float32 rows, writing
+ * into caller memory (out may be x for zm_rope). Row i of an n-row call is bitwise equal to
+ * the 1-row call for that row. Bad geometry: ZM_ERR_INVALID_ARG (the caller checks buffer
+ * sizes: these kernels trust them). */
+enum { ZM_SIMD_PORTABLE = 0, ZM_SIMD_AVX2 = 1 };
+/* The SIMD path the ops use: at most `wanted` (-1: just ask), capped at what the CPU has;
+ * returns the previous one. ZIGMEM_SIMD=portable in the environment starts portable. Both
+ * paths give bitwise equal results. */
+int zm_ops_simd(int wanted);
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight */
+int zm_rms_norm(const float *x, const float *weight, float *out, size_t rows, size_t dim,
+                float eps);
+/* Rotate adjacent pairs (2i, 2i+1) of x[rows][heads][head_dim] by row r's angles, the table
+ * row start + r of cos/sin[table_rows][head_dim / 2]. */
+int zm_rope(const float *x, float *out, size_t rows, size_t heads, size_t head_dim,
+            const float *cos_table, const float *sin_table, size_t table_rows, size_t start);
+/* out = gate * sigmoid(gate) * up, n elements */
+int zm_silu_mul(const float *gate, const float *up, float *out, size_t n);
+/* Causal grouped-query attention: q[rows][n_heads][head_dim], the query of row r at position
+ * start + r, over keys/values[kv_len][n_kv_heads][head_dim] (float16 bits), scale
+ * 1/sqrt(head_dim), float32 math; out like q; scratch holds kv_len floats. */
+int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_dim,
+                     const uint16_t *keys, const uint16_t *values, size_t n_kv_heads,
+                     size_t kv_len, size_t start, float *out, float *scratch,
+                     size_t scratch_len);
+
 /* ---------------------------------------------------------------- weight files */
 
 /* A file mapped into memory: shared read-only, or private copy-on-write (WRITABLE). */
@@ -336,10 +364,13 @@ int zm_gguf_parse(const uint8_t *data, size_t size, zm_gguf_info_t *info, zm_ggu
                   zm_gguf_tensor_t *tensors, void *scratch, char *err, size_t err_len);
 bool zm_ggml_type_size(uint32_t type, uint32_t *block, uint32_t *bytes);
 
-enum { ZM_GGML_F32 = 0, ZM_GGML_F16 = 1, ZM_GGML_Q4_0 = 2, ZM_GGML_Q4_1 = 3, ZM_GGML_Q8_0 = 8,
+enum { ZM_GGML_F32 = 0, ZM_GGML_F16 = 1, ZM_GGML_Q4_0 = 2, ZM_GGML_Q4_1 = 3, ZM_GGML_Q5_0 = 6,
+       ZM_GGML_Q5_1 = 7, ZM_GGML_Q8_0 = 8, ZM_GGML_Q2_K = 10, ZM_GGML_Q3_K = 11,
+       ZM_GGML_Q4_K = 12, ZM_GGML_Q5_K = 13, ZM_GGML_Q6_K = 14, ZM_GGML_IQ4_NL = 20,
        ZM_GGML_BF16 = 30 };
-/* n elements of a ggml type to float32 (F32, F16, BF16, Q4_0, Q4_1, Q8_0); else
- * ZM_ERR_INVALID_ARG. */
+/* n elements of a ggml type to float32, bit for bit as gguf.quants.dequantize: F32, F16,
+ * BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL; n a multiple of
+ * the type's block. Else ZM_ERR_INVALID_ARG. */
 int zm_dequantize(uint32_t type, const void *src, size_t n, float *dst);
 
 /* ---------------------------------------------------------------- paged KV cache
@@ -430,15 +461,57 @@ int zm_paged_kv_check(zm_paged_kv_t *kv);
 /* Attention of `layer` for n_seqs sequences: q [sum(q_lens)][n_heads][head_dim] float32,
  * the rows of sequence i being its last q_lens[i] positions (causal over its whole
  * history); out, same shape. Each (sequence, head) is computed alone in a fixed order, so
- * the result does not depend on the other sequences or on n_threads (1: this thread only). */
+ * the result does not depend on the other sequences or on the worker pool's thread count
+ * (zm_set_num_threads), which runs it. */
 int zm_paged_kv_attention(zm_paged_kv_t *kv, size_t layer, const int64_t *ids,
                           const int64_t *q_lens, size_t n_seqs, const float *q,
-                          size_t n_heads, float *out, size_t n_threads);
+                          size_t n_heads, float *out);
 /* The instruction set the kernel uses here: "avx512f", "avx2" or "portable". */
 const char *zm_paged_attention_isa(void);
 /* Use another supported instruction set ("avx512f", "avx2", "portable"), for tests;
  * ZM_ERR_INVALID_ARG if this CPU lacks it. */
 int zm_paged_attention_use_isa(const char *name);
+
+/* ---------------------------------------------------------------- quantized matrix kernels
+ *
+ * A weight matrix W of `rows` x `cols` elements of a ggml type (rows of blocks, as in GGUF),
+ * read in place. Results are deterministic: every output element is summed in an order that
+ * depends only on `cols` and the kernel path, never on n, the row or the thread count. */
+
+/* out[n][rows] = x[n][cols] @ W^T. Types: those of zm_dequantize. Scratch comes from the
+ * pool's allocator (zm_pool_set_allocator). ZM_ERR_INVALID_ARG: unsupported type or cols
+ * not a multiple of its block; ZM_ERR_OUT_OF_MEMORY: scratch refused (out untouched). */
+int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, const float *x,
+                    size_t n, float *out);
+/* out[i][cols] = row ids[i] of W, dequantized. Every id is checked before anything is
+ * written: one out of [0, rows) is ZM_ERR_INVALID_ARG, with report.size = its index. */
+int zm_quant_rows(uint32_t type, const void *w, size_t rows, size_t cols, const int64_t *ids,
+                  size_t n_ids, float *out);
+
+/* Kernel paths: the fastest the CPU has, chosen at first use; the environment variable
+ * ZIGMEM_KERNELS=portable|avx2|avx512 (or zm_kernels_set) forces one. */
+enum { ZM_KERNELS_PORTABLE = 0, ZM_KERNELS_AVX2 = 1, ZM_KERNELS_AVX512 = 2 };
+/* ZM_ERR_INVALID_ARG when this CPU cannot run that path (the current one stays). */
+int zm_kernels_set(int path);
+int zm_kernels_get(void);
+bool zm_kernels_supported(int path);
+
+/* ---------------------------------------------------------------- worker pool
+ *
+ * One process-wide pool of the core's own threads (thread_pool.c). A job is n_tasks calls of
+ * fn(arg, task, worker), shared by the caller and the workers; one job runs at a time
+ * (concurrent callers wait their turn). Fork-safe: a child starts its workers afresh. */
+typedef void (*zm_task_fn)(void *arg, size_t task, unsigned worker);
+/* Threads a job uses, the caller included: >= 1. Default: the CPUs this process may use. */
+int zm_set_num_threads(unsigned n);
+unsigned zm_get_num_threads(void);
+/* Where per-worker scratch comes from. The allocator must outlive the pool (process-wide). */
+void zm_pool_set_allocator(const zm_allocator_t *a);
+/* Run a job. Before it starts, every worker gets scratch_bytes of 64-byte-aligned scratch
+ * (zm_pool_scratch); ZM_ERR_OUT_OF_MEMORY if that is refused (nothing ran). */
+int zm_pool_run(zm_task_fn fn, void *arg, size_t n_tasks, size_t scratch_bytes);
+/* The scratch of `worker` during a job. */
+void *zm_pool_scratch(unsigned worker);
 
 /* ---------------------------------------------------------------- Python entry points
  *

@@ -301,7 +301,8 @@ static void test_attention(const char *isa) {
         int64_t ids[2] = {a, b}, lens[2] = {5, 1}; /* a prefill chunk and a decode row */
         float q[6 * nh * D], out[6 * nh * D], alone[6 * nh * D];
         for (size_t i = 0; i < 6 * nh * D; i++) q[i] = value(9, i, 0, 0, 0, 0);
-        CHECK(zm_paged_kv_attention(kv, 1, ids, lens, 2, q, nh, out, 3) == ZM_OK);
+        zm_set_num_threads(3);
+        CHECK(zm_paged_kv_attention(kv, 1, ids, lens, 2, q, nh, out) == ZM_OK);
         double ref[6 * nh * D];
         reference(kv, a, 1, 37, 5, q, nh, ref);
         reference(kv, b, 1, 9, 1, q + 5 * nh * D, nh, ref + 5 * nh * D);
@@ -311,16 +312,18 @@ static void test_attention(const char *isa) {
         CHECK(worst < 1e-5);
         /* batch invariance: b alone, on one thread, gives the same bits */
         int64_t one = 1;
-        CHECK(zm_paged_kv_attention(kv, 1, &b, &one, 1, q + 5 * nh * D, nh, alone, 1) == ZM_OK);
+        zm_set_num_threads(1);
+        CHECK(zm_paged_kv_attention(kv, 1, &b, &one, 1, q + 5 * nh * D, nh, alone) == ZM_OK);
+        zm_set_num_threads(2);
         CHECK(memcmp(alone, out + 5 * nh * D, nh * D * sizeof(float)) == 0);
         /* bad arguments write nothing */
         float untouched[6 * nh * D];
         memcpy(untouched, out, sizeof out);
         int64_t too_long[2] = {5, 10};
-        CHECK(zm_paged_kv_attention(kv, 1, ids, too_long, 2, q, nh, out, 2) == ZM_ERR_INVALID_ARG &&
+        CHECK(zm_paged_kv_attention(kv, 1, ids, too_long, 2, q, nh, out) == ZM_ERR_INVALID_ARG &&
               zm_last_report()->detail == ZM_PKV_ROWS && zm_last_report()->offset == 1);
-        CHECK(zm_paged_kv_attention(kv, 1, ids, lens, 2, q, 5, out, 2) == ZM_ERR_INVALID_ARG);
-        CHECK(zm_paged_kv_attention(kv, 2, ids, lens, 2, q, nh, out, 2) == ZM_ERR_INVALID_ARG);
+        CHECK(zm_paged_kv_attention(kv, 1, ids, lens, 2, q, 5, out) == ZM_ERR_INVALID_ARG);
+        CHECK(zm_paged_kv_attention(kv, 2, ids, lens, 2, q, nh, out) == ZM_ERR_INVALID_ARG);
         CHECK(memcmp(untouched, out, sizeof out) == 0);
         zm_paged_kv_destroy(kv);
     }
@@ -339,7 +342,7 @@ static void *worker(void *arg) {
         if (!holds(shared_kv, id, 12, seed, 12, seed)) return (void *)1;
         int64_t one = 1;
         float q[H * D] = {0}, out[H * D];
-        if (zm_paged_kv_attention(shared_kv, 0, &id, &one, 1, q, H, out, 2)) return (void *)1;
+        if (zm_paged_kv_attention(shared_kv, 0, &id, &one, 1, q, H, out)) return (void *)1;
         zm_paged_kv_free_sequence(shared_kv, id);
     }
     return NULL;
