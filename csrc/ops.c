@@ -31,7 +31,7 @@ static int ops_level = -1; /* -1: not chosen yet; else ZM_SIMD_PORTABLE / ZM_SIM
 
 static int detect_level(void) {
 #ifdef ZM_OPS_X86
-    const char *forced = getenv("ZIGMEM_SIMD");
+    const char *forced = getenv("ZIGMEM_KERNELS");
     if (forced && strcmp(forced, "portable") == 0) return ZM_SIMD_PORTABLE;
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return ZM_SIMD_AVX2;
@@ -78,6 +78,58 @@ static inline float half_to_float(uint16_t h) {
 static inline float reduce_lanes(const float l[LANES]) {
     float a0 = l[0] + l[4], a1 = l[1] + l[5], a2 = l[2] + l[6], a3 = l[3] + l[7];
     return (a0 + a2) + (a1 + a3);
+}
+
+/* exp(x) in float32 with the same arithmetic on every path: Cody-Waite reduction by ln 2
+ * and Cephes' degree-6 polynomial (within 2 ulp of expf), then 2^n from the exponent bits.
+ * x is clamped to [-87, 88], where 2^n stays a normal float; NaN turns into the upper
+ * clamp, as the SIMD min does. Written as mul-then-add so the vector twin matches bitwise. */
+#define EXP_HI 88.0f
+#define EXP_LO (-87.0f)
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_C1 0.693359375f
+#define EXP_C2 (-2.12194440e-4f)
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
+static inline float exp_portable(float x) {
+    x = x < EXP_HI ? x : EXP_HI; /* as minps / maxps: the second operand when unordered */
+    x = x > EXP_LO ? x : EXP_LO;
+    float fx = floorf(x * EXP_LOG2E + 0.5f);
+    float r = x - fx * EXP_C1;
+    r = r - fx * EXP_C2;
+    float z = r * r;
+    float y = EXP_P0 * r + EXP_P1;
+    y = y * r + EXP_P2;
+    y = y * r + EXP_P3;
+    y = y * r + EXP_P4;
+    y = y * r + EXP_P5;
+    y = y * z + r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)fx + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+static void silu_mul_portable(const float *gate, const float *up, float *out, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = g / (1.0f + exp_portable(-g)) * up[i];
+    }
+}
+
+/* p[t] = exp(p[t] - shift), then their sum in index order. */
+static float softmax_exp_portable(float *p, size_t n, float shift) {
+    float sum = 0.0f;
+    for (size_t t = 0; t < n; t++) {
+        p[t] = exp_portable(p[t] - shift);
+        sum += p[t];
+    }
+    return sum;
 }
 
 static float dot_f32_portable(const float *a, const float *b, size_t n) {
@@ -150,6 +202,48 @@ __attribute__((target("avx2,f16c"))) static void axpy_f16_avx2(float *out, float
     }
     for (; i < n; i++) out[i] += p * half_to_float(v[i]);
 }
+
+__attribute__((target("avx2,f16c"))) static inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_min_ps(x, _mm256_set1_ps(EXP_HI));
+    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO));
+    __m256 fx = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)),
+                                              _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(EXP_C1)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(fx, _mm256_set1_ps(EXP_C2)));
+    __m256 z = _mm256_mul_ps(r, r);
+    __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(EXP_P0), r), _mm256_set1_ps(EXP_P1));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(EXP_P2));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(EXP_P3));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(EXP_P4));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(EXP_P5));
+    y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, z), r), _mm256_set1_ps(1.0f));
+    __m256i n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+}
+
+__attribute__((target("avx2,f16c"))) static void silu_mul_avx2(const float *gate, const float *up,
+                                                               float *out, size_t n) {
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        __m256 o = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(o, _mm256_loadu_ps(up + i)));
+    }
+    silu_mul_portable(gate + i, up + i, out + i, n - i);
+}
+
+__attribute__((target("avx2,f16c"))) static float softmax_exp_avx2(float *p, size_t n,
+                                                                   float shift) {
+    __m256 s = _mm256_set1_ps(shift);
+    size_t t = 0;
+    for (; t + LANES <= n; t += LANES)
+        _mm256_storeu_ps(p + t, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p + t), s)));
+    for (; t < n; t++) p[t] = exp_portable(p[t] - shift);
+    float sum = 0.0f; /* in index order, as the portable path */
+    for (t = 0; t < n; t++) sum += p[t];
+    return sum;
+}
 #endif
 
 static inline float dot_f32(const float *a, const float *b, size_t n, int l) {
@@ -179,16 +273,51 @@ static inline void axpy_f16(float *out, float p, const uint16_t *v, size_t n, in
     axpy_f16_portable(out, p, v, n);
 }
 
+/* ZM_ERR_INVALID_ARG, with the report's size saying which check failed (ZM_OPS_*). */
+static inline void silu_mul(const float *gate, const float *up, float *out, size_t n, int l) {
+#ifdef ZM_OPS_X86
+    if (l >= ZM_SIMD_AVX2) {
+        silu_mul_avx2(gate, up, out, n);
+        return;
+    }
+#endif
+    (void)l;
+    silu_mul_portable(gate, up, out, n);
+}
+
+static inline float softmax_exp(float *p, size_t n, float shift, int l) {
+#ifdef ZM_OPS_X86
+    if (l >= ZM_SIMD_AVX2) return softmax_exp_avx2(p, n, shift);
+#endif
+    (void)l;
+    return softmax_exp_portable(p, n, shift);
+}
+
 static int invalid(size_t what) {
     zm_fail(ZM_ERR_INVALID_ARG, what, 0, 0);
     return ZM_ERR_INVALID_ARG;
+}
+
+/* Whether [a, a + na) and [b, b + nb) (counts of float-sized or half-sized elements, given
+ * in bytes) share a byte. */
+static bool overlap(const void *a, size_t a_bytes, const void *b, size_t b_bytes) {
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return a_bytes && b_bytes && x < y + b_bytes && y < x + a_bytes;
+}
+
+/* out may be exactly `same` (read before written, element by element) but must not overlap
+ * it otherwise. */
+static bool bad_alias(const float *out, const float *same, size_t n) {
+    return out != same && overlap(out, n * sizeof(float), same, n * sizeof(float));
 }
 
 /* ---------------------------------------------------------------- kernels */
 
 int zm_rms_norm(const float *x, const float *weight, float *out, size_t rows, size_t dim,
                 float eps) {
-    if (!dim || !(eps >= 0.0f)) return invalid(dim);
+    if (!dim || !(eps >= 0.0f)) return invalid(ZM_OPS_GEOMETRY);
+    if (bad_alias(out, x, rows * dim) || overlap(out, rows * dim * 4, weight, dim * 4))
+        return invalid(ZM_OPS_OVERLAP);
     int l = level();
     for (size_t r = 0; r < rows; r++) {
         const float *xr = x + r * dim;
@@ -203,8 +332,12 @@ int zm_rms_norm(const float *x, const float *weight, float *out, size_t rows, si
 int zm_rope(const float *x, float *out, size_t rows, size_t heads, size_t head_dim,
             const float *cos_table, const float *sin_table, size_t table_rows, size_t start) {
     size_t half = head_dim / 2;
+    size_t n = rows * heads * head_dim, table = table_rows * half * sizeof(float);
     if (head_dim % 2 || !head_dim || start > table_rows || rows > table_rows - start)
-        return invalid(head_dim);
+        return invalid(ZM_OPS_GEOMETRY);
+    if (bad_alias(out, x, n) || overlap(out, n * 4, cos_table, table) ||
+        overlap(out, n * 4, sin_table, table))
+        return invalid(ZM_OPS_OVERLAP);
     for (size_t r = 0; r < rows; r++) {
         const float *c = cos_table + (start + r) * half, *s = sin_table + (start + r) * half;
         for (size_t h = 0; h < heads; h++) {
@@ -221,10 +354,8 @@ int zm_rope(const float *x, float *out, size_t rows, size_t heads, size_t head_d
 }
 
 int zm_silu_mul(const float *gate, const float *up, float *out, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
-    }
+    if (bad_alias(out, gate, n) || bad_alias(out, up, n)) return invalid(ZM_OPS_OVERLAP);
+    silu_mul(gate, up, out, n, level());
     return ZM_OK;
 }
 
@@ -234,9 +365,14 @@ int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_di
                      size_t scratch_len) {
     if (!n_kv_heads || !head_dim || n_heads % n_kv_heads || start + rows > kv_len ||
         scratch_len < kv_len)
-        return invalid(kv_len);
-    int l = level();
+        return invalid(ZM_OPS_GEOMETRY);
     size_t group = n_heads / n_kv_heads, kv_row = n_kv_heads * head_dim;
+    size_t q_bytes = rows * n_heads * head_dim * 4, kv_bytes = kv_len * kv_row * 2;
+    if (overlap(out, q_bytes, q, q_bytes) || overlap(out, q_bytes, keys, kv_bytes) ||
+        overlap(out, q_bytes, values, kv_bytes) || overlap(out, q_bytes, scratch, kv_len * 4) ||
+        overlap(scratch, kv_len * 4, q, q_bytes))
+        return invalid(ZM_OPS_OVERLAP);
+    int l = level();
     float scale = 1.0f / sqrtf((float)head_dim);
     for (size_t r = 0; r < rows; r++) {
         size_t len = start + r + 1; /* causal: position start + r sees 0 ..= start + r */
@@ -250,12 +386,7 @@ int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_di
                 scratch[t] = s;
                 if (s > best) best = s;
             }
-            float sum = 0.0f;
-            for (size_t t = 0; t < len; t++) {
-                float p = expf(scratch[t] - best);
-                scratch[t] = p;
-                sum += p;
-            }
+            float sum = softmax_exp(scratch, len, best, l);
             memset(o, 0, head_dim * sizeof *o);
             for (size_t t = 0; t < len; t++)
                 axpy_f16(o, scratch[t], values + t * kv_row + kv, head_dim, l);

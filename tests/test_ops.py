@@ -81,6 +81,22 @@ def test_silu_mul_matches_float64(simd):
     assert ops.silu_mul(g, u, out=u) is u  # in place over an input
 
 
+def test_silu_mul_over_the_whole_float_range_and_both_paths_agree():
+    g = np.concatenate([np.linspace(-100, 100, 4001), [0.0, -0.0, 1e-30, -1e-30]]).astype(np.float32)
+    up = np.ones_like(g)
+    g64 = g.astype(np.float64)
+    expected = g64 / (1 + np.exp(-g64))
+    results = []
+    for path in ("portable", "avx2"):
+        previous = ops.simd(path)
+        try:
+            results.append(ops.silu_mul(g, up))
+        finally:
+            ops.simd(previous)
+    assert np.array_equal(results[0], results[1])
+    np.testing.assert_allclose(results[0], expected, rtol=2e-6, atol=1e-30)
+
+
 @pytest.mark.parametrize("head_dim", [64, 12])  # 12: a tail after the 8-lane blocks
 @pytest.mark.parametrize("start", [0, 37])
 def test_attention_matches_float64(simd, head_dim, start):

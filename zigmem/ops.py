@@ -23,6 +23,7 @@ from .errors import InvalidArgumentError
 __all__ = ["rms_norm", "rope", "silu_mul", "attention", "simd"]
 
 _F32, _F16 = np.dtype(np.float32), np.dtype(np.float16)
+_INF = float("inf")
 _SIMD = {"portable": lib.ZM_SIMD_PORTABLE, "avx2": lib.ZM_SIMD_AVX2}
 _SIMD_NAME = {v: k for k, v in _SIMD.items()}
 
@@ -30,7 +31,7 @@ _SIMD_NAME = {v: k for k, v in _SIMD.items()}
 def simd(path: str | None = None) -> str:
     """The SIMD path the ops use ("portable" or "avx2"); with ``path``, switch to it (capped at
     what the CPU has) and return the previous one. Both give bitwise equal results, so this
-    only changes speed; ``ZIGMEM_SIMD=portable`` in the environment starts portable.
+    only changes speed; ``ZIGMEM_KERNELS=portable`` in the environment (as for the matmul kernels) starts portable.
 
     Raises:
         InvalidArgumentError: an unknown path.
@@ -43,44 +44,49 @@ def simd(path: str | None = None) -> str:
 
 
 def _array(x, name: str, dtype=_F32) -> np.ndarray:
-    if type(x) is not np.ndarray:
-        if not isinstance(x, np.ndarray):
-            raise InvalidArgumentError(f"{name} must be a numpy array, not {type(x).__name__}")
-    if x.dtype != dtype:
+    """``x`` if it is a numpy array of ``dtype`` (layout is checked when its buffer is taken)."""
+    if type(x) is not np.ndarray and not isinstance(x, np.ndarray):
+        raise InvalidArgumentError(f"{name} must be a numpy array, not {type(x).__name__}")
+    if x.dtype is not dtype and x.dtype != dtype:
         raise InvalidArgumentError(f"{name} must be {dtype.name}, not {x.dtype}")
-    if not x.flags.c_contiguous:
-        raise InvalidArgumentError(f"{name} must be C-contiguous")
     return x
 
 
-def _out(out, shape: tuple, inputs: tuple, may_alias=()) -> np.ndarray:
-    """A writable float32 array of ``shape``: ``out`` once checked, else a new one. ``out``
-    may be exactly one of ``may_alias`` (the kernel reads each element before writing it)
-    but must not overlap any other input."""
+def _out(out, shape: tuple) -> np.ndarray:
+    """``out`` checked for dtype and shape (layout, writability and overlap are checked when
+    the kernel is called), or a new float32 array of ``shape``."""
     if out is None:
         return np.empty(shape, _F32)
     _array(out, "out")
     if out.shape != shape:
         raise InvalidArgumentError(f"out must have shape {shape}, not {out.shape}")
-    if not out.flags.writeable:
-        raise InvalidArgumentError("out is read-only")
-    for x in inputs:
-        if np.may_share_memory(out, x) and not (any(x is a for a in may_alias) and _same(out, x)):
-            raise InvalidArgumentError("out overlaps an input; pass a separate array")
     return out
 
 
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-            and a.shape == b.shape)
+def _buffers(inputs: tuple, out: np.ndarray, names: tuple, kinds=None) -> tuple:
+    """cffi pointers to the inputs and to out: C-contiguous arrays, out writable. Raises
+    InvalidArgumentError naming the argument that is not."""
+    try:
+        if kinds is None:
+            return (*[_from_buffer("float[]", x) for x in inputs],
+                    _from_buffer("float[]", out, require_writable=True))
+        return (*[_from_buffer(kind, x) for x, kind in zip(inputs, kinds)],
+                _from_buffer("float[]", out, require_writable=True))
+    except (ValueError, TypeError, BufferError):
+        pass
+    for x, name in zip((*inputs, out), (*names, "out")):
+        if not x.flags.c_contiguous:
+            raise InvalidArgumentError(f"{name} must be C-contiguous") from None
+    raise InvalidArgumentError("out is read-only") from None
 
 
-def _ptr(x: np.ndarray, ctype: str = "float[]"):
-    return ffi.from_buffer(ctype, x)
+_from_buffer = ffi.from_buffer
 
 
 def _check(status: int, what: str) -> None:
     if status:
+        if lib.zm_last_report().size == lib.ZM_OPS_OVERLAP:
+            raise InvalidArgumentError(f"{what}: out overlaps an input; pass a separate array")
         raise InvalidArgumentError(f"{what}: invalid geometry")
 
 
@@ -107,11 +113,12 @@ def rms_norm(x, weight, eps: float, out=None) -> np.ndarray:
         raise InvalidArgumentError(f"weight must be [dim] = {list(x.shape[-1:])} and dim > 0, "
                                    f"got x {list(x.shape)}, weight {list(weight.shape)}")
     eps = float(eps)
-    if not eps >= 0 or eps == float("inf"):
+    if not 0.0 <= eps < _INF:
         raise InvalidArgumentError(f"eps must be a finite non-negative number, got {eps}")
-    out = _out(out, x.shape, (x, weight), may_alias=(x,))
+    out = _out(out, x.shape)
+    px, pw, po = _buffers((x, weight), out, ("x", "weight"))
     dim = x.shape[-1]
-    _check(lib.zm_rms_norm(_ptr(x), _ptr(weight), _ptr(out), x.size // dim, dim, eps), "rms_norm")
+    _check(lib.zm_rms_norm(px, pw, po, x.size // dim, dim, eps), "rms_norm")
     return out
 
 
@@ -147,9 +154,9 @@ def rope(x, cos, sin, start: int, out=None) -> np.ndarray:
     if start + n > cos.shape[0]:
         raise InvalidArgumentError(f"positions {start}..{start + n - 1} are beyond the "
                                    f"{cos.shape[0]} rows of the tables")
-    out = _out(out, x.shape, (x, cos, sin), may_alias=(x,))
-    _check(lib.zm_rope(_ptr(x), _ptr(out), n, heads, head_dim, _ptr(cos), _ptr(sin),
-                       cos.shape[0], start), "rope")
+    out = _out(out, x.shape)
+    px, pc, ps, po = _buffers((x, cos, sin), out, ("x", "cos", "sin"))
+    _check(lib.zm_rope(px, po, n, heads, head_dim, pc, ps, cos.shape[0], start), "rope")
     return out
 
 
@@ -172,8 +179,9 @@ def silu_mul(gate, up, out=None) -> np.ndarray:
     gate, up = _array(gate, "gate"), _array(up, "up")
     if gate.shape != up.shape:
         raise InvalidArgumentError(f"gate and up shapes differ: {gate.shape} and {up.shape}")
-    out = _out(out, gate.shape, (gate, up), may_alias=(gate, up))
-    _check(lib.zm_silu_mul(_ptr(gate), _ptr(up), _ptr(out), gate.size), "silu_mul")
+    out = _out(out, gate.shape)
+    pg, pu, po = _buffers((gate, up), out, ("gate", "up"))
+    _check(lib.zm_silu_mul(pg, pu, po, gate.size), "silu_mul")
     return out
 
 
@@ -214,12 +222,16 @@ def attention(q, keys, values, start: int, out=None) -> np.ndarray:
     if start + n > positions:
         raise InvalidArgumentError(f"queries at positions {start}..{start + n - 1} need "
                                    f"{start + n} cached positions, the cache has {positions}")
-    out = _out(out, q.shape, (q, keys, values))
+    out = _out(out, q.shape)
     scratch = np.empty(max(positions, 1), _F32)
-    _check(lib.zm_attention_f16(_ptr(q), n, heads, head_dim, _ptr(keys, "uint16_t[]"),
-                                _ptr(values, "uint16_t[]"), kv_heads, positions, start,
-                                _ptr(out), _ptr(scratch), scratch.size), "attention")
+    pq, pk, pv, ps, po = _buffers((q, keys, values, scratch), out, ("q", "keys", "values", "scratch"),
+                                      _ATTENTION_KINDS)
+    _check(lib.zm_attention_f16(pq, n, heads, head_dim, pk, pv, kv_heads, positions, start,
+                                po, ps, scratch.size), "attention")
     return out
+
+
+_ATTENTION_KINDS = ("float[]", "uint16_t[]", "uint16_t[]", "float[]")
 
 
 def _index(value, name: str) -> int:

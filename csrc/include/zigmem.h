@@ -289,12 +289,15 @@ void zm_tensor_deinit(zm_tensor_t *t, zm_allocator_t a);
 /* ---------------------------------------------------------------- ops (ops.c)
  *
  * The fused per-step kernels of a llama forward pass, on C-contiguous float32 rows, writing
- * into caller memory (out may be x for zm_rope). Row i of an n-row call is bitwise equal to
- * the 1-row call for that row. Bad geometry: ZM_ERR_INVALID_ARG (the caller checks buffer
- * sizes: these kernels trust them). */
+ * into caller memory. Row i of an n-row call is bitwise equal to the 1-row call for that
+ * row. Elementwise kernels accept out == an input (exactly); any other overlap of out with
+ * an input, or bad geometry, is ZM_ERR_INVALID_ARG with the report's size saying which
+ * (ZM_OPS_OVERLAP / ZM_OPS_GEOMETRY). Buffer sizes follow from the geometry: the caller
+ * checks them, these kernels trust them. */
 enum { ZM_SIMD_PORTABLE = 0, ZM_SIMD_AVX2 = 1 };
+enum { ZM_OPS_GEOMETRY = 1, ZM_OPS_OVERLAP = 2 };
 /* The SIMD path the ops use: at most `wanted` (-1: just ask), capped at what the CPU has;
- * returns the previous one. ZIGMEM_SIMD=portable in the environment starts portable. Both
+ * returns the previous one. ZIGMEM_KERNELS=portable in the environment starts portable. Both
  * paths give bitwise equal results. */
 int zm_ops_simd(int wanted);
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight */
