@@ -43,6 +43,7 @@ bench: install
 	$(PY) bench/bench_python.py
 	$(PY) bench/bench_kv_cache.py
 	$(PY) bench/bench_paged_kv.py
+	$(PY) bench/bench_generate_batch.py
 	$(PY) bench/bench_weights.py
 	$(PY) bench/bench_demo.py
 
