@@ -132,3 +132,27 @@ def test_cli_answers_a_file_of_prompts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("> abc") == 2 and "> hello" in out and "3 prompts" in out
     assert "PagedKVCache" in out and "deinit: 'ok'" in out
+
+
+def test_an_interrupted_batch_frees_its_sequences_and_the_next_one_is_exact(tiny, monkeypatch):
+    prompts = prompts_with_a_shared_system_prompt(3, seed=4)
+    alone = [tiny.generate_ids(p, 6, stops=(2,))[0] for p in prompts]
+    batcher = Batcher(tiny)
+    block = batcher._block
+    calls = []
+
+    def interrupted(index, *args):  # Ctrl-C in the second step, after layer 0's K/V
+        calls.append(index)
+        if len(calls) == 2 + tiny.n_layers:
+            raise KeyboardInterrupt
+        return block(index, *args)
+
+    monkeypatch.setattr(batcher, "_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        batcher.generate_ids(prompts, 6, stops=(2,))
+    monkeypatch.undo()
+    stats = batcher.cache.stats
+    assert stats.sequences == 0 and stats.blocks_in_use == 0
+    batcher.cache._check()
+    assert batcher.generate_ids(prompts, 6, stops=(2,)) == alone
+    batcher.close()

@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -105,6 +105,9 @@ class PagedCacheMachine(RuleBasedStateMachine):
         s = self.cache.add_sequence(prompt)
         cached = self.cache.cached_tokens(s)
         assert self.cache.seq_len(s) == cached and cached % BS == 0
+        if cached:
+            event("prefix cache hit")
+
         if prompt is None:
             assert cached == 0
         else:
@@ -124,6 +127,7 @@ class PagedCacheMachine(RuleBasedStateMachine):
         kk, vv = self.model.step_arrays(s, n, self.rng)
         before = self.cache.stats
         if not self.cache.can_append(s, n):
+            event("pool full")
             with pytest.raises(zm.OutOfMemoryError):
                 full_step(self.cache, s, kk, vv)
             after = self.cache.stats
@@ -132,12 +136,31 @@ class PagedCacheMachine(RuleBasedStateMachine):
             # the failed step left no layer half-written: a smaller step still works
             return
         full_step(self.cache, s, kk, vv)
+        if self.cache.stats.evictions > before.evictions:
+            event("cached blocks evicted")
         self.model.append(s, kk, vv)
         prompt = self.model.prompt[s]
         if prompt is not None:
             held = self.cache.seq_len(s)
             for end in range(BS, min(held, len(prompt)) + 1, BS):
                 self.registered.add(tuple(prompt[:end]))
+
+    @precondition(lambda self: self.cache.stats.blocks_cached)
+    @rule()
+    def fill_the_pool(self):
+        """A sequence without a prompt that grows until the pool is full: every cached
+        block is evicted on the way."""
+        s = self.cache.add_sequence()
+        self.model.add(s, None, 0)
+        while self.cache.can_append(s, BS):
+            kk, vv = self.model.step_arrays(s, BS, self.rng)
+            full_step(self.cache, s, kk, vv)
+            self.model.append(s, kk, vv)
+        stats = self.cache.stats
+        assert stats.blocks_cached == 0 and stats.evictions > 0
+        event("cached blocks evicted")
+        with pytest.raises(zm.OutOfMemoryError):
+            self.cache.append(s, 0, np.zeros((BS, H, D)), np.zeros((BS, H, D)))
 
     @precondition(lambda self: self.model.k)
     @rule(data=st.data())
@@ -188,7 +211,7 @@ class PagedCacheMachine(RuleBasedStateMachine):
 
 
 TestPagedCacheMachine = PagedCacheMachine.TestCase
-TestPagedCacheMachine.settings = settings(max_examples=60, stateful_step_count=30,
+TestPagedCacheMachine.settings = settings(max_examples=80, stateful_step_count=30,
                                           deadline=None)
 
 

@@ -21,7 +21,9 @@ summation order would break that equality by an ulp, and with it greedy ties.)
 
 from __future__ import annotations
 
+import contextlib
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -134,6 +136,14 @@ class Batcher:
                             self.cache.free(r.seq)
                             r.seq = None
                 del logits
+        except BaseException as e:
+            # An interrupted step (Ctrl-C) leaves frames that view the arena: clear them so
+            # it can reset; the sequences in flight are freed below, whatever they held.
+            traceback.clear_frames(e.__traceback__)
+            if model.use_arena:
+                with contextlib.suppress(zm.ArenaEscapeError):  # the next step resets it
+                    model.arena.reset("retain_capacity")
+            raise
         finally:
             for r in active:
                 if r.seq is not None:
