@@ -326,7 +326,8 @@ static int64_t seq_id(const zm_paged_kv_t *kv, const zm_pkv_seq_t *s) {
 static int free_slot(zm_paged_kv_t *kv, zm_pkv_seq_t **out) {
     if (kv->free_slot < 0) {
         size_t cap = kv->cap_slots ? 2 * kv->cap_slots : 8;
-        if (cap > INT32_MAX) return zm_pkv_problem(ZM_ERR_TOO_LARGE, ZM_PKV_TOO_LONG, cap, INT32_MAX, 0);
+        if (cap > INT32_MAX)
+            return zm_pkv_problem(ZM_ERR_TOO_LARGE, ZM_PKV_TOO_LONG, cap, INT32_MAX, 0);
         zm_pkv_seq_t *seqs = pkv_realloc(kv, kv->seqs, kv->cap_slots * sizeof *seqs,
                                          cap * sizeof *seqs);
         if (!seqs) return alloc_failure();
@@ -386,7 +387,7 @@ int zm_paged_kv_add_sequence(zm_paged_kv_t *kv, const int32_t *tokens, size_t n_
                              int64_t *out_id) {
     size_t bs = kv->block_size, capacity = kv->num_blocks * bs;
     if (tokens && n_tokens > capacity)
-        return zm_pkv_problem(ZM_ERR_INVALID_ARG, ZM_PKV_TOO_LONG, n_tokens, capacity, 0);
+        return zm_pkv_problem(ZM_ERR_OUT_OF_MEMORY, ZM_PKV_TOO_LONG, n_tokens, capacity, 0);
     pthread_mutex_lock(&kv->lock);
     size_t n_prompt = tokens ? n_tokens / bs * bs : 0;
     /* at most len - 1 positions cached: the last prompt token's logits must be computed */
@@ -438,7 +439,8 @@ int zm_paged_kv_fork(zm_paged_kv_t *kv, int64_t id, int64_t *out_id) {
     zm_pkv_seq_t *parent, *child;
     int status = zm_pkv_lookup(kv, id, &parent);
     if (!status && parent->written)
-        status = zm_pkv_problem(ZM_ERR_INVALID_ARG, ZM_PKV_STEP_OPEN, parent->written, kv->n_layers, 0);
+        status = zm_pkv_problem(ZM_ERR_INVALID_ARG, ZM_PKV_STEP_OPEN, parent->written,
+                                kv->n_layers, 0);
     if (!status) status = free_slot(kv, &child); /* may move kv->seqs */
     if (!status) {
         parent = &kv->seqs[(uint64_t)id & 0xffffffffu];
@@ -516,7 +518,8 @@ static void copy_on_write(zm_paged_kv_t *kv, zm_pkv_seq_t *s) {
 static int begin_step(zm_paged_kv_t *kv, zm_pkv_seq_t *s, size_t n_new) {
     size_t capacity = kv->num_blocks * kv->block_size;
     if (n_new > capacity - s->seq_len)
-        return zm_pkv_problem(ZM_ERR_INVALID_ARG, ZM_PKV_TOO_LONG, n_new, capacity - s->seq_len, 0);
+        return zm_pkv_problem(ZM_ERR_OUT_OF_MEMORY, ZM_PKV_TOO_LONG, n_new,
+                              capacity - s->seq_len, 0);
     bool cow;
     size_t needed = step_blocks(kv, s, n_new, &cow), available = kv->n_free + kv->n_cached;
     if (needed > available) {
@@ -576,7 +579,8 @@ int zm_paged_kv_append(zm_paged_kv_t *kv, int64_t id, size_t layer, const void *
         status = begin_step(kv, s, n_new);
         if (status) goto out;
     } else if (n_new != s->step_end - s->seq_len) {
-        status = zm_pkv_problem(ZM_ERR_INVALID_ARG, ZM_PKV_STEP_SIZE, n_new, s->step_end - s->seq_len, 0);
+        status = zm_pkv_problem(ZM_ERR_INVALID_ARG, ZM_PKV_STEP_SIZE, n_new,
+                                s->step_end - s->seq_len, 0);
         goto out;
     }
     size_t row = kv->head_dim * kv->itemsize, bs = kv->block_size;

@@ -142,6 +142,10 @@ def paged_kv_failure(what: str, index_name: str = "") -> Exception:
         return errors.UseAfterFreeError(f"{what}: sequence {given}{at} was freed")
     if detail == lib.ZM_PKV_UNKNOWN_SEQUENCE:
         return errors.InvalidArgumentError(f"{what}: no sequence {given}{at} in this cache")
+    if detail == lib.ZM_PKV_TOO_LONG and report.code == lib.ZM_ERR_OUT_OF_MEMORY:
+        return errors.OutOfMemoryError(
+            f"{what}: {given} positions do not fit: the whole pool holds at most {expected} "
+            "more for this sequence; nothing was written")
     if detail == lib.ZM_PKV_POOL_FULL:
         return errors.OutOfMemoryError(
             f"{what}: the block pool is full: the step needs {report.size} blocks and "
@@ -160,8 +164,6 @@ def paged_kv_failure(what: str, index_name: str = "") -> Exception:
             f"{given} rows asked{' for ' + index_name + '[' + str(report.offset) + ']' if index_name else ''}"
             f" but the sequence holds only {expected} positions of this layer"),
         lib.ZM_PKV_HEADS: f"{given} query heads are not a positive multiple of {expected} KV heads",
-        lib.ZM_PKV_TOO_LONG: (
-            f"{given} positions do not fit: at most {expected} more fit in the whole pool"),
         lib.ZM_PKV_CONFIG: f"invalid geometry (field {given}, limit {expected})",
     }
     if report.code == lib.ZM_ERR_TOO_LARGE and detail:

@@ -156,9 +156,9 @@ class PagedKVCache:
             ``len(prompt_tokens) - 1``).
 
         Raises:
-            InvalidArgumentError: tokens not 1-D integers in int32's range, or longer than
-                the pool could ever hold.
-            OutOfMemoryError: the allocator refused the sequence's block table.
+            InvalidArgumentError: tokens not 1-D integers in int32's range.
+            OutOfMemoryError: the allocator refused the sequence's block table, or the
+                prompt is longer than the whole pool.
         """
         tokens, n = ffi.NULL, 0
         if prompt_tokens is not None:
@@ -217,8 +217,9 @@ class PagedKVCache:
             InvalidArgumentError: bad id, layer, shape or dtype; the layer was already
                 appended this step; ``n_new`` differs from the step's. Nothing is written.
             UseAfterFreeError: ``s`` was freed.
-            OutOfMemoryError: the pool has no room even after evicting cached blocks (or
-                the block table could not grow); nothing changed.
+            OutOfMemoryError: the pool has no room even after evicting cached blocks, or
+                never could (the sequence would outgrow the whole pool), or the block table
+                could not grow; nothing changed.
         """
         sid = _seq_id(s)
         if type(layer) is not int or not 0 <= layer < self.n_layers:

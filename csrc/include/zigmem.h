@@ -426,7 +426,8 @@ typedef enum zm_pkv_problem {
     ZM_PKV_HEADS = 8,            /* n_heads not a positive multiple of n_kv_heads */
     ZM_PKV_POOL_FULL = 9,        /* ZM_ERR_OUT_OF_MEMORY: size blocks needed, limit available */
     ZM_PKV_CONFIG = 10,          /* a bad geometry (given: which field, 0-based) */
-    ZM_PKV_TOO_LONG = 11,        /* more positions than the pool could ever hold */
+    ZM_PKV_TOO_LONG = 11,        /* ZM_ERR_OUT_OF_MEMORY: more positions (given) than the
+                                    whole pool could ever hold (expected) */
 } zm_pkv_problem_t;
 
 /* All allocations (pool, per-block arrays) or none. serialize: take zm_py_lock around the

@@ -199,7 +199,7 @@ static void test_prefix_cache_and_eviction(void) {
     /* the pool is full: nothing changes, can_append says so first */
     int ok;
     CHECK(zm_paged_kv_can_append(kv, d, 8, &ok) == ZM_OK && !ok);
-    CHECK(step(kv, d, 3, 17, 8) == ZM_ERR_INVALID_ARG && /* 25 positions: never fits */
+    CHECK(step(kv, d, 3, 17, 8) == ZM_ERR_OUT_OF_MEMORY && /* 25 positions: never fits */
           zm_last_report()->detail == ZM_PKV_TOO_LONG);
     CHECK(step(kv, d, 3, 17, 7) == ZM_ERR_OUT_OF_MEMORY &&
           zm_last_report()->detail == ZM_PKV_POOL_FULL);

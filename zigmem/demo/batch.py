@@ -69,7 +69,8 @@ class Batcher:
 
     def __init__(self, model, max_batch: int = 8, num_blocks: int | None = None) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise zm.InvalidArgumentError(f"max_batch must be a positive integer, got {max_batch!r}")
+            raise zm.InvalidArgumentError(
+                f"max_batch must be a positive integer, got {max_batch!r}")
         self.model, self.max_batch = model, max_batch
         per_sequence = -(-model.context // BLOCK_SIZE)
         self.cache = zm.PagedKVCache(model.kv_memory, model.n_layers, model.n_kv_heads,
