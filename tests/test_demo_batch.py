@@ -36,7 +36,7 @@ def test_batched_greedy_equals_generate_alone(tiny, max_batch):
     limits = [20, 9, 1, 30, 12, 5, 18, 25]
     stops = (2,)
     alone = [tiny.generate_ids(p, m, stops=stops)[0] for p, m in zip(prompts, limits)]
-    batcher = Batcher(tiny, max_batch=max_batch)
+    batcher = Batcher(tiny, max_batch=max_batch, num_blocks=40)  # all eight fit
     for _ in range(2):  # the second run's prompts come from the prefix cache
         assert batcher.generate_ids(prompts, limits, stops=stops) == alone
     run = batcher.last_run
@@ -98,7 +98,7 @@ def test_batched_logits_are_bitwise_those_of_forward_alone(tiny):
     logits row in a mixed prefill + decode step, with a prefix-cached prompt among them, has
     exactly the bits of ``forward`` of that sequence alone."""
     prompts = prompts_with_a_shared_system_prompt(4, seed=3)
-    batcher = Batcher(tiny)
+    batcher = Batcher(tiny, num_blocks=32)  # all four in flight
     batcher.generate_ids(prompts[:1], 1)  # registers the system prompt's first block
     active = []
     for i, p in enumerate(prompts):

@@ -59,7 +59,8 @@ class Batcher:
     Args:
         model: A :class:`~zigmem.demo.model.Llama`.
         max_batch: Sequences in flight at once.
-        num_blocks: Blocks in the pool (default: ``max_batch`` full contexts).
+        num_blocks: Blocks in the pool (default: two full contexts; admission keeps the
+            sequences in flight within it, however many of ``max_batch`` that allows).
 
     Example:
         >>> batcher = Batcher(model)
@@ -74,7 +75,7 @@ class Batcher:
         self.model, self.max_batch = model, max_batch
         per_sequence = -(-model.context // BLOCK_SIZE)
         self.cache = zm.PagedKVCache(model.kv_memory, model.n_layers, model.n_kv_heads,
-                                     model.head_dim, num_blocks or max_batch * per_sequence,
+                                     model.head_dim, num_blocks or 2 * per_sequence,
                                      block_size=BLOCK_SIZE, dtype="float16")
         self.last_run: dict = {}
 
