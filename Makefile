@@ -45,6 +45,7 @@ bench: install
 	$(PY) bench/bench_paged_kv.py
 	$(PY) bench/bench_generate_batch.py
 	$(PY) bench/bench_weights.py
+	$(PY) bench/bench_quant.py
 	$(PY) bench/bench_demo.py
 
 ## make peers: the comparison peers for make bench: llama.cpp through llama-cpp-python

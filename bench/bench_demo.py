@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from smollm2_files import quiet_stderr  # noqa: E402
 THREADS = 2
 CONTEXT = 2048
 MAX_TOKENS = 64
@@ -31,8 +33,13 @@ PROCESSES = 3     # fresh processes per side and file (load time, peak RSS)
 
 
 def _peak_rss() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set (VmHWM): unlike ru_maxrss it does not start from the
+    parent's size at fork."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def child_zigmem(path: str, ids: list[int]) -> dict:
@@ -118,7 +125,8 @@ def prompt_ids(path: Path, have_llama: bool) -> tuple[list[int], str]:
     if not have_llama:
         return ours, f"{len(ours)} ids from zigmem's tokenizer"
     import llama_cpp
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, vocab_only=True)
+    with quiet_stderr():  # llama.cpp logs from C even with verbose=False
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, vocab_only=True)
     theirs = llm.tokenize(text.encode(), add_bos=False, special=True)
     same = "the same" if theirs == ours else f"DIFFERENT ({len(ours)} ids)"
     return theirs, f"{len(theirs)} ids from llama.cpp's tokenizer; zigmem's tokenizer gives {same}"
@@ -140,8 +148,9 @@ def accuracy(path: Path, ids: list[int], have_llama: bool) -> dict:
     model.close()
     if have_llama:
         import llama_cpp
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=THREADS, verbose=False,
-                              logits_all=True)
+        with quiet_stderr():
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=THREADS,
+                                  verbose=False, logits_all=True)
         llm.eval(ids)
         theirs = np.array(llm.scores[:len(ids)])
         result["llama.cpp"] = (min_cosine(theirs, expected),
@@ -151,7 +160,6 @@ def accuracy(path: Path, ids: list[int], have_llama: bool) -> dict:
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE))
     from smollm2_files import model_files
 
     try:
@@ -168,13 +176,18 @@ def main() -> None:
           f"medians of {PROCESSES} processes x {RUNS} runs per side")
     if not have_llama:
         print("llama.cpp rows: skipped (llama_cpp is not importable; make peers installs it)")
-    print(f"BLAS: numpy is not used for the model's products on either side "
-          f"(numpy {np.__version__}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')})")
+    print(f"BLAS: no numpy BLAS in the timed code on either side (numpy {np.__version__}, "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}; the float32 "
+          f"reference uses it, untimed); load average at start: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     sides = ["zigmem"] + (["llama.cpp"] if have_llama else [])
     header = f"{'file':<7} {'case':<30} " + " ".join(f"{s:>12}" for s in sides) + f" {'ratio':>8}   target"
     print(header)
     for label, path in files:
-        runs = {side: [run_child(side, path, ids) for _ in range(PROCESSES)] for side in sides}
+        runs = {side: [] for side in sides}
+        for _ in range(PROCESSES):  # interleaved, so both sides see the same machine
+            for side in sides:
+                runs[side].append(run_child(side, path, ids))
 
         def median(side, key, per_run=False):
             values = [v for r in runs[side] for v in r[key]] if per_run else [r[key] for r in runs[side]]
@@ -195,6 +208,8 @@ def main() -> None:
             same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
             print(f"{label:<7} {'greedy tokens equal':<30} {same:>12} of {len(ours)} (then they diverge)"
                   if same < len(ours) else f"{label:<7} {'greedy tokens equal':<30} all {len(ours)}")
+        print(f"{label:<7} {'load average after the runs':<30} "
+              f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
         acc = accuracy(path, ids, have_llama)
         cells = " ".join(f"{acc[s][0]:12.6f}" for s in sides)
         argmax = ", ".join(f"{s}: {'yes' if acc[s][1] else 'NO'}" for s in sides)

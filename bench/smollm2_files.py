@@ -49,7 +49,7 @@ def _quantize(source: Path, target: Path, ftype: int) -> None:
     params.nthread = 2
     partial = target.with_suffix(".partial")
     print(f"making {target.name} with llama_model_quantize ...", flush=True)
-    with _quiet_stderr():  # llama.cpp logs every tensor from C
+    with quiet_stderr():  # llama.cpp logs every tensor from C
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
     if status != 0:
         raise RuntimeError(f"llama_model_quantize failed for {target.name}")
@@ -57,7 +57,8 @@ def _quantize(source: Path, target: Path, ftype: int) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
+    """Silence file descriptor 2 (C code that logs there) for the block."""
     sys.stderr.flush()
     saved = os.dup(2)
     with open(os.devnull, "w") as null:

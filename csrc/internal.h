@@ -75,5 +75,15 @@ typedef void (*zm_dequant_fn)(const uint8_t *src, size_t blocks, float *dst);
 /* NULL for types without a kernel. */
 zm_dequant_fn zm_dequant_kernel(uint32_t type);
 extern const int8_t zm_iq4nl_values[16];
+/* The same, with AVX-512 where dequant_avx512.c has the type (callers check the CPU). */
+zm_dequant_fn zm_dequant_kernel_avx512(uint32_t type);
+/* Dot nw <= 4 rows of whole blocks with one row of x, adding to 16-lane accumulators laid
+ * out as quant_matmul.c's (row r's at acc + 64 r); NULL: no fused kernel for the type. */
+typedef void (*zm_fused_fn)(const uint8_t *const *w, unsigned nw, size_t blocks,
+                            const float *x, float *acc);
+zm_fused_fn zm_fused_kernel_avx512(uint32_t type);
+/* The AVX2 twins (dequant_avx2.c): 8-lane accumulators, in the same layout. */
+zm_dequant_fn zm_dequant_kernel_avx2(uint32_t type);
+zm_fused_fn zm_fused_kernel_avx2(uint32_t type);
 
 #endif

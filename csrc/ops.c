@@ -244,6 +244,60 @@ __attribute__((target("avx2,f16c"))) static float softmax_exp_avx2(float *p, siz
     for (t = 0; t < n; t++) sum += p[t];
     return sum;
 }
+
+/* Four keys' dots with q at once (independent accumulators: each equals dot_f16_avx2). */
+__attribute__((target("avx2,f16c"))) static void dot4_f16_avx2(const float *q, const uint16_t *k,
+                                                               size_t stride, size_t n,
+                                                               float out[4]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = 0; i < n; i += LANES) { /* n % LANES == 0 */
+        __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i)))));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + stride + i)))));
+        a2 = _mm256_add_ps(a2, _mm256_mul_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + 2 * stride + i)))));
+        a3 = _mm256_add_ps(a3, _mm256_mul_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + 3 * stride + i)))));
+    }
+    out[0] = reduce_avx2(a0), out[1] = reduce_avx2(a1), out[2] = reduce_avx2(a2);
+    out[3] = reduce_avx2(a3);
+}
+
+#define MAX_REG_DIM 128
+/* One query head over len positions, head_dim % 8 == 0 and <= MAX_REG_DIM: the output stays
+ * in registers across positions. The same operations, in the same order, as the portable
+ * head below, so the results are bitwise equal. */
+__attribute__((target("avx2,f16c"))) static void attend_head_avx2(
+    const float *qh, const uint16_t *k, const uint16_t *v, size_t stride, size_t len,
+    size_t head_dim, float scale, float *scratch, float *o) {
+    float best = -INFINITY;
+    size_t t = 0;
+    for (; t + 4 <= len; t += 4) {
+        float d[4];
+        dot4_f16_avx2(qh, k + t * stride, stride, head_dim, d);
+        for (int j = 0; j < 4; j++) {
+            float s = d[j] * scale;
+            scratch[t + j] = s;
+            if (s > best) best = s;
+        }
+    }
+    for (; t < len; t++) {
+        float s = dot_f16_avx2(qh, k + t * stride, head_dim) * scale;
+        scratch[t] = s;
+        if (s > best) best = s;
+    }
+    float sum = softmax_exp_avx2(scratch, len, best);
+    __m256 acc[MAX_REG_DIM / LANES];
+    size_t blocks = head_dim / LANES;
+    for (size_t b = 0; b < blocks; b++) acc[b] = _mm256_setzero_ps();
+    for (t = 0; t < len; t++) {
+        __m256 p = _mm256_set1_ps(scratch[t]);
+        const uint16_t *vt = v + t * stride;
+        for (size_t b = 0; b < blocks; b++)
+            acc[b] = _mm256_add_ps(acc[b], _mm256_mul_ps(p, _mm256_cvtph_ps(_mm_loadu_si128(
+                                                            (const __m128i *)(vt + b * LANES)))));
+    }
+    __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (size_t b = 0; b < blocks; b++) _mm256_storeu_ps(o + b * LANES, _mm256_mul_ps(acc[b], inv));
+}
 #endif
 
 static inline float dot_f32(const float *a, const float *b, size_t n, int l) {
@@ -380,6 +434,13 @@ int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_di
             const float *qh = q + (r * n_heads + h) * head_dim;
             float *o = out + (r * n_heads + h) * head_dim;
             size_t kv = (h / group) * head_dim;
+#ifdef ZM_OPS_X86
+            if (l >= ZM_SIMD_AVX2 && head_dim % LANES == 0 && head_dim <= MAX_REG_DIM) {
+                attend_head_avx2(qh, keys + kv, values + kv, kv_row, len, head_dim, scale,
+                                 scratch, o);
+                continue;
+            }
+#endif
             float best = -INFINITY;
             for (size_t t = 0; t < len; t++) {
                 float s = dot_f16(qh, keys + t * kv_row + kv, head_dim, l) * scale;

@@ -2,7 +2,10 @@
 random model written to GGUF by the gguf package; and, when the real model is installed,
 the answer it gives."""
 
+import copy
 import importlib.util
+import pickle
+import threading
 
 import gguf
 import numpy as np
@@ -239,6 +242,38 @@ def test_an_interrupted_forward_leaves_later_ones_intact(tmp_path, monkeypatch):
     model.reset()
     assert np.array_equal(model.forward([5, 9, 3, 7])[3], last[0])  # batch-invariant rows
     del expected, last
+    assert model.close() == "ok"
+
+
+def test_two_threads_on_one_model_are_refused_not_interleaved(tmp_path):
+    write_tiny_llama(tmp_path / "tiny.gguf")
+    model = load_model(tmp_path / "tiny.gguf", context=64)
+    done, messages = [0, 0], []
+
+    def work(i):
+        while sum(done) < 50:
+            try:
+                model.forward([i + 5])
+                done[i] += 1
+            except zm.ZigmemError as e:  # the other thread is mid-step
+                messages.append(str(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert model.cache.seq_len == sum(done)  # every accepted step landed, once
+    assert all("another thread" in m for m in messages)
+    assert model.close() == "ok"
+
+
+@pytest.mark.parametrize("how", [copy.copy, copy.deepcopy, pickle.dumps])
+def test_a_model_has_one_owner(tmp_path, how):
+    write_tiny_llama(tmp_path / "tiny.gguf")
+    model = load_model(tmp_path / "tiny.gguf", context=16)
+    with pytest.raises(TypeError, match="Llama"):
+        how(model)
     assert model.close() == "ok"
 
 

@@ -484,7 +484,8 @@ int zm_paged_attention_use_isa(const char *name);
 
 /* out[n][rows] = x[n][cols] @ W^T. Types: those of zm_dequantize. Scratch comes from the
  * pool's allocator (zm_pool_set_allocator). ZM_ERR_INVALID_ARG: unsupported type or cols
- * not a multiple of its block; ZM_ERR_OUT_OF_MEMORY: scratch refused (out untouched). */
+ * not a multiple of its block, or out overlapping x or W (report.limit = 1);
+ * ZM_ERR_OUT_OF_MEMORY: scratch refused. On any error out is untouched. */
 int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, const float *x,
                     size_t n, float *out);
 /* out[i][cols] = row ids[i] of W, dequantized. Every id is checked before anything is

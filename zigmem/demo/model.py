@@ -29,6 +29,7 @@ Matrices are [out, in] in numpy order: ``W.matmul(x) == x @ W.T``.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import traceback
 
@@ -85,6 +86,7 @@ class Llama:
         self.activations = zm.CountingAllocator(zm.page_allocator, name="activations (arena)")
         self.arena = zm.ArenaAllocator(self.activations)  # one forward call
         self.session = zm.GeneralPurposeAllocator(stack_trace_frames=4)
+        self._busy = threading.Lock()
 
         self.embedding = self.weights.matrix("token_embd.weight")
         self.vocab_size = self.embedding.shape[0]
@@ -133,26 +135,39 @@ class Llama:
         Raises:
             InvalidArgumentError: an empty list, ids that are not integers or out of range,
                 more tokens than the context has left; the cache is untouched.
+            ZigmemError: another thread is in ``forward`` of this model.
         """
-        ids = self._check_ids(token_ids)
         if logits not in ("all", "last"):
             raise zm.InvalidArgumentError(f'logits must be "all" or "last", not {logits!r}')
-        # A step interrupted earlier (KeyboardInterrupt) may have written some layers: drop them.
-        start = self.cache.seq_len
-        self.cache.truncate(start)
+        # One conversation, one step at a time: a second thread is refused, not interleaved
+        # (the kernels release the GIL, so it could otherwise write the same cache rows).
+        if not self._busy.acquire(blocking=False):
+            raise zm.ZigmemError("Llama.forward is already running in another thread; a "
+                                 "model holds one conversation: use one model per thread")
         try:
-            return self._forward(ids, start, logits == "last")
-        except BaseException as e:
-            # The interrupted frames hold views of the arena: clear them so the arena resets,
-            # and leave the cache as it was before the call.
-            traceback.clear_frames(e.__traceback__)
+            ids = self._check_ids(token_ids)
+            # A step interrupted earlier (KeyboardInterrupt) may have written some layers.
+            start = self.cache.seq_len
             self.cache.truncate(start)
-            if self.use_arena:
-                with contextlib.suppress(zm.ArenaEscapeError):  # the next call resets it
-                    self.arena.reset("retain_capacity")
-            raise
+            try:
+                return self._forward(ids, start, logits == "last")
+            except BaseException as e:
+                # The interrupted frames hold views of the arena: clear them so the arena
+                # resets, and leave the cache as it was before the call.
+                traceback.clear_frames(e.__traceback__)
+                self.cache.truncate(start)
+                if self.use_arena:
+                    with contextlib.suppress(zm.ArenaEscapeError):  # the next call resets it
+                        self.arena.reset("retain_capacity")
+                raise
+        finally:
+            self._busy.release()
 
     def _check_ids(self, token_ids) -> np.ndarray:
+        # The decode step's one token, [int], in a few compares instead of array reductions.
+        if (type(token_ids) is list and len(token_ids) == 1 and type(token_ids[0]) is int
+                and 0 <= token_ids[0] < self.vocab_size and self.cache.seq_len < self.context):
+            return np.array(token_ids, np.int64)
         ids = np.asarray(token_ids)
         if ids.size and ids.dtype.kind not in "iu" or ids.ndim > 1:
             raise zm.InvalidArgumentError(
@@ -324,6 +339,19 @@ class Llama:
         for counting in (self.dequantized, self.tables, self.kv_memory, self.activations):
             counting.deinit()
         return verdict
+
+    # A model owns its allocators, KV cache and mapping: one owner, so no copies.
+    def __copy__(self):
+        raise TypeError("Llama cannot be copied: it owns its allocators, KV cache and mapped "
+                        "file; load_model(path) again for a second model")
+
+    def __deepcopy__(self, memo):
+        raise TypeError("Llama cannot be deep-copied: it owns its allocators, KV cache and "
+                        "mapped file; load_model(path) again for a second model")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("Llama cannot be pickled: it owns allocators and a mapped file; "
+                        "pickle the path and call load_model(path) again")
 
 
 class _Activations:
