@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-arena", action="store_true",
                         help="plain numpy allocations for activations (for comparison)")
     parser.add_argument("--report-json", default=None, help="write the figures to this file")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="answer every line of FILE at once (continuous batching, greedy)")
     args = parser.parse_args(argv)
 
     try:
@@ -59,6 +61,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, zm.WeightFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.prompts:
+        return batch_main(model, args)
     print(f"> {args.prompt}\n", flush=True)
     model.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                    top_k=args.top_k, stream=lambda text: print(text, end="", flush=True))
@@ -74,6 +78,33 @@ def main(argv=None) -> int:
     if args.report_json:
         with open(args.report_json, "w") as f:
             json.dump(figures, f, indent=2)
+    return 0 if verdict == "ok" else 2
+
+
+def batch_main(model, args) -> int:
+    """``--prompts FILE``: every line's greedy answer from one batched run, then the figures."""
+    try:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        model.close()
+        return 1
+    if not prompts:
+        print(f"error: {args.prompts} holds no prompt", file=sys.stderr)
+        model.close()
+        return 1
+    answers = model.generate_batch(prompts, max_tokens=args.max_tokens)
+    for prompt, answer in zip(prompts, answers):
+        print(f"> {prompt}\n{answer}\n")
+    run = model.last_batch
+    print(f"{run['prompts']} prompts, {run['generated_tokens']} tokens in {run['steps']} "
+          f"batched steps, {run['seconds']:.2f} s: {run['generated_tokens_per_second']:.1f} "
+          f"tokens/s; {run['cached_prompt_tokens']} prompt tokens served by the prefix cache")
+    print()
+    print(zm.memory_report())
+    verdict = model.close()
+    print(f"\nsession allocator deinit: {verdict!r}")
     return 0 if verdict == "ok" else 2
 
 

@@ -109,6 +109,7 @@ class Llama:
         del freqs, angles, cos, sin
         self.cache = zm.KVCache(self.kv_memory, self.n_layers, self.n_kv_heads, self.head_dim,
                                 self.context, dtype="float16")
+        self._batcher = None  # generate_batch's, made on first use
         self.load_seconds = time.perf_counter() - t0
 
     def _vector(self, name: str) -> np.ndarray:
@@ -293,6 +294,18 @@ class Llama:
             "generated_tokens_per_second": steps / generate_seconds if steps else 0.0,
         }
 
+    def generate_batch(self, prompts, max_tokens=64, chat: bool = True) -> list[str]:
+        """Greedy answers to several prompts at once (continuous batching over a
+        PagedKVCache, see :mod:`zigmem.demo.batch`); each equals ``generate(prompt)``.
+        ``max_tokens``: one int, or one per prompt. Statistics in ``self.last_batch``."""
+        from .batch import Batcher
+
+        if self._batcher is None:
+            self._batcher = Batcher(self)
+        answers = self._batcher.generate(prompts, max_tokens, chat=chat)
+        self.last_batch = self._batcher.last_run
+        return answers
+
     # ------------------------------------------------------------ memory and lifetime
 
     def memory(self) -> dict:
@@ -316,6 +329,8 @@ class Llama:
     def close(self) -> str:
         """Release everything; returns the session allocator's verdict, "ok" or "leak"."""
         self.cache.deinit()
+        if self._batcher is not None:
+            self._batcher.close()
         self.layers = self.embedding = self.output = self.cos = self.sin = None
         self.output_norm = None
         self.arena.deinit()
