@@ -79,6 +79,7 @@ typedef struct zm_report {
     uintptr_t address;    /* the block concerned */
     size_t size;          /* the size requested, or the block's size */
     size_t alignment;     /* the block's alignment */
+    size_t expected;      /* the value a check expected (a shape, a length) */
     size_t offset;        /* where corruption starts, relative to the block */
     size_t count;         /* how many bytes are corrupted */
     size_t limit;         /* the limit that refused the request (bytes) */
@@ -551,10 +552,8 @@ typedef enum zm_pkv_problem {
                                     whole pool could ever hold (expected) */
 } zm_pkv_problem_t;
 
-/* All allocations (pool, per-block arrays) or none. serialize: take zm_py_lock around the
- * allocator's calls (it is not thread-safe itself). */
-int zm_paged_kv_create(zm_allocator_t a, int serialize, const zm_paged_kv_config_t *cfg,
-                       zm_paged_kv_t **out);
+/* All allocations (pool, per-block arrays) or none, from a (for Python: guarded) allocator. */
+int zm_paged_kv_create(zm_allocator_t a, const zm_paged_kv_config_t *cfg, zm_paged_kv_t **out);
 void zm_paged_kv_destroy(zm_paged_kv_t *kv);
 /* tokens may be NULL (no prompt: nothing cached, nothing registered). */
 int zm_paged_kv_add_sequence(zm_paged_kv_t *kv, const int32_t *tokens, size_t n_tokens,
