@@ -84,5 +84,8 @@ zm_dequant_fn zm_dequant_kernel_avx512(uint32_t type);
 typedef void (*zm_fused_fn)(const uint8_t *const *w, unsigned nw, size_t blocks,
                             const float *x, float *acc);
 zm_fused_fn zm_fused_kernel_avx512(uint32_t type);
+/* The AVX2 twins (dequant_avx2.c): 8-lane accumulators, in the same layout. */
+zm_dequant_fn zm_dequant_kernel_avx2(uint32_t type);
+zm_fused_fn zm_fused_kernel_avx2(uint32_t type);
 
 #endif

@@ -26,9 +26,11 @@ from .errors import (
 )
 from .failing_allocator import FailingAllocator
 from .fixed_buffer_allocator import FixedBufferAllocator
+from . import ops
 from .kv_cache import KVCache
 from .general_purpose_allocator import GeneralPurposeAllocator, GeneralPurposeStats, LeakedBlock
 from .page_allocator import PageAllocator, page_allocator
+from .paged_kv_cache import PagedKVCache, PagedKVStats
 from .report import memory_report
 from .scope import Scope
 from .tensor import Tensor
@@ -42,9 +44,9 @@ __all__ = [
     "Allocator", "ArenaAllocator", "Buffer", "CountingAllocator", "CountingStats",
     "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
     "LeakedBlock", "PageAllocator", "page_allocator",
-    "memory_report", "testing", "Scope", "Tensor", "KVCache",
-    "load_weights", "WeightFile", "TensorInfo", "QuantizedMatrix", "save_safetensors",
-    "set_num_threads", "get_num_threads",
+    "memory_report", "ops", "testing", "Scope", "Tensor", "KVCache", "PagedKVCache",
+    "PagedKVStats", "load_weights", "WeightFile", "TensorInfo", "QuantizedMatrix",
+    "save_safetensors", "set_num_threads", "get_num_threads",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",
     "LeakError", "DanglingViewError", "ArenaEscapeError", "WeightFormatError",

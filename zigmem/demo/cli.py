@@ -14,23 +14,17 @@ from . import load_model
 DEFAULT_PROMPT = "What is the capital of France? Tell me a little about the city."
 
 
-def _progress(done: int, total: int) -> None:
-    bar = "#" * (20 * done // total)
-    print(f"\rloading weights [{bar:<20}] {done}/{total} layers", end="", file=sys.stderr,
-          flush=True)
-    if done == total:
-        print(file=sys.stderr)
-
-
 def report(model, run: dict) -> str:
     m = model.memory()
     rows = [
         ("weights (mapped file)", f"{format_bytes(m['weights_mapped'])} mapped, "
                                   f"{format_bytes(m['weights_resident'])} resident (shared page cache)"),
-        ("dequantized weights", format_bytes(m["dequantized_weights"])),
+        ("dequantized weights", format_bytes(m["dequantized_weights"]) +
+         (" (every matrix is read in place)" if not m["dequantized_weights"] else "")),
+        ("rotary tables", format_bytes(m["rotary_tables"])),
         ("KV cache", f"{format_bytes(m['kv_cache_held'])} held, {format_bytes(m['kv_cache_used'])} used "
                      f"({model.cache.seq_len} of {model.cache.capacity} positions)"),
-        ("activations (arenas)", f"high-water {format_bytes(m['arena_high_water'])}, "
+        ("activations (arena)", f"high-water {format_bytes(m['arena_high_water'])}, "
                                 f"capacity {format_bytes(m['arena_capacity'])}"),
         ("session (safety allocator)", f"{format_bytes(m['session_live_bytes'])} live, "
                                        f"{m['session_leaks']} leaks"),
@@ -38,8 +32,8 @@ def report(model, run: dict) -> str:
     width = max(len(name) for name, _ in rows)
     lines = ["memory, per subsystem:"] + [f"  {name:<{width}}  {value}" for name, value in rows]
     lines += ["", "speed:",
-              f"  load                 {model.load_seconds * 1e3:8.1f} ms (path to first token: mapped, "
-              "dequantized, cache reserved)",
+              f"  load                 {model.load_seconds * 1e3:8.1f} ms (call to ready: mapped, "
+              "cache reserved; the tokenizer is built on first use)",
               f"  prompt               {run['prompt_tokens_per_second']:8.1f} tokens/s "
               f"({run['prompt_tokens']} tokens)",
               f"  generation           {run['generated_tokens_per_second']:8.1f} tokens/s "
@@ -58,14 +52,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-arena", action="store_true",
                         help="plain numpy allocations for activations (for comparison)")
     parser.add_argument("--report-json", default=None, help="write the figures to this file")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="answer every line of FILE at once (continuous batching, greedy)")
     args = parser.parse_args(argv)
 
     try:
-        model = load_model(args.model, context=args.context, arena=not args.no_arena,
-                           progress=_progress)
+        model = load_model(args.model, context=args.context, arena=not args.no_arena)
     except (FileNotFoundError, zm.WeightFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.prompts:
+        return batch_main(model, args)
     print(f"> {args.prompt}\n", flush=True)
     model.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                    top_k=args.top_k, stream=lambda text: print(text, end="", flush=True))
@@ -81,6 +78,33 @@ def main(argv=None) -> int:
     if args.report_json:
         with open(args.report_json, "w") as f:
             json.dump(figures, f, indent=2)
+    return 0 if verdict == "ok" else 2
+
+
+def batch_main(model, args) -> int:
+    """``--prompts FILE``: every line's greedy answer from one batched run, then the figures."""
+    try:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        model.close()
+        return 1
+    if not prompts:
+        print(f"error: {args.prompts} holds no prompt", file=sys.stderr)
+        model.close()
+        return 1
+    answers = model.generate_batch(prompts, max_tokens=args.max_tokens)
+    for prompt, answer in zip(prompts, answers):
+        print(f"> {prompt}\n{answer}\n")
+    run = model.last_batch
+    print(f"{run['prompts']} prompts, {run['generated_tokens']} tokens in {run['steps']} "
+          f"batched steps, {run['seconds']:.2f} s: {run['generated_tokens_per_second']:.1f} "
+          f"tokens/s; {run['cached_prompt_tokens']} prompt tokens served by the prefix cache")
+    print()
+    print(zm.memory_report())
+    verdict = model.close()
+    print(f"\nsession allocator deinit: {verdict!r}")
     return 0 if verdict == "ok" else 2
 
 
