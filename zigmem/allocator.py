@@ -76,7 +76,7 @@ class Allocator(OwnsCState):
     # (is_alive, name) of C code holding memory from it, per instance
     _c_users: list[tuple[Callable[[], object], str]] = []
     _site_frames: int = 0   # Python frames recorded per allocation (0: none)
-    _live: dict[int, Buffer] | None = None  # id -> Buffer, while site tracking is on (testing's sweep)
+    _live: dict[int, Buffer] | None = None  # id -> Buffer while tracking sites (testing's sweep)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         if cls is Allocator:
@@ -504,7 +504,8 @@ class Allocator(OwnsCState):
                 "drop them (del the arrays) first")
         buf._owner = None  # dead, if it was set: the hot paths test for None
 
-    def _check_no_views(self, chain: Sequence[Allocator], action: str, error: type[DanglingViewError]) -> None:
+    def _check_no_views(self, chain: Sequence[Allocator], action: str,
+                        error: type[DanglingViewError]) -> None:
         """Refuse ``action`` while numpy can still reach memory of any allocator in
         ``chain``: views of its Buffers, or arrays numpy allocated from it."""
         for a in chain:

@@ -109,7 +109,8 @@ class PagedKVCache:
 
     def __init__(self, allocator: Allocator, n_layers: int, n_kv_heads: int, head_dim: int,
                  num_blocks: int, block_size: int = 16, dtype: npt.DTypeLike = "float16") -> None:
-        self._kv: CData = None  # zm_paged_kv_t *, None once deinitialised; first: __del__ must find it if validation raises
+        # zm_paged_kv_t *, None once deinitialised; first: __del__ must find it if validation raises
+        self._kv: CData = None
         if not isinstance(allocator, Allocator):
             raise InvalidArgumentError(
                 f"allocator must be a zigmem allocator, not {type(allocator).__name__}")

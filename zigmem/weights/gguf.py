@@ -50,6 +50,9 @@ GGML_TYPES = {
 
 _u64 = struct.Struct("<Q").unpack_from
 
+# (_BUFFER) memoryview(ndarray) carries `# type: ignore[arg-type]`: numpy's stubs declare
+# ndarray.__buffer__ for Python 3.12+ only, so mypy on 3.10 / 3.11 rejects what runs fine.
+
 
 class _Source(OwnsCState):
     """The mapped bytes and C indexes the lazy tables read. ``release()`` (WeightFile.close)
@@ -123,7 +126,7 @@ class Metadata(OwnsCState, Mapping[str, object]):
         source = self._source
         yield "GGUF.version"
         root = source.live()
-        buf, data, pos = memoryview(root), source.data, 24  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
+        buf, data, pos = memoryview(root), source.data, 24  # type: ignore[arg-type]  # (_BUFFER)
         kv = ffi.new("zm_gguf_kv_t *")
         for _ in range(source.info.n_kv):
             if lib.zm_gguf_kv_at(data, root.size, pos, kv):
@@ -167,7 +170,8 @@ class TensorTable(OwnsCState, Mapping[str, TensorInfo]):
     def __iter__(self) -> Iterator[str]:
         source = self._source
         root = source.live()
-        buf, data, pos = memoryview(root), source.data, source.info.tensors_offset  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
+        buf = memoryview(root)  # type: ignore[arg-type]  # (_BUFFER)
+        data, pos = source.data, source.info.tensors_offset
         t = ffi.new("zm_gguf_tensor_t *")
         for _ in range(source.info.n_tensors):
             if lib.zm_gguf_tensor_at(data, root.size, source.info, pos, t):
@@ -254,7 +258,7 @@ class StringArray(_LazyArray):
 
     def _decoded(self) -> list[str]:
         if self._items is None:
-            buf, pos = memoryview(self._root), self._first  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
+            buf, pos = memoryview(self._root), self._first  # type: ignore[arg-type]  # (_BUFFER)
             items: list[str] = []
             for _ in range(self._count):
                 (n,) = _u64(buf, pos)
@@ -284,7 +288,7 @@ class NestedArray(_LazyArray):
 
 def _value_at(root: np.ndarray, pos: int, t: int) -> Any:
     """The value of type t at pos, inside a nested array (validated by the C parser)."""
-    buf = memoryview(root)  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
+    buf = memoryview(root)  # type: ignore[arg-type]  # (_BUFFER)
     if t in _SCALARS:
         return struct.unpack_from(_SCALARS[t][0], buf, pos)[0]
     if t == _STRING:
@@ -295,7 +299,7 @@ def _value_at(root: np.ndarray, pos: int, t: int) -> Any:
 
 
 def _decode(root: np.ndarray, kv: CData) -> object:
-    t, buf = kv.type, memoryview(root)  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
+    t, buf = kv.type, memoryview(root)  # type: ignore[arg-type]  # (_BUFFER)
     if t in _SCALARS:
         return struct.unpack_from(_SCALARS[t][0], buf, kv.value)[0]
     if t == _STRING:
@@ -336,7 +340,8 @@ def _tensor_info(root: np.ndarray, data: CData, info: CData, pos: int) -> Tensor
     t = ffi.new("zm_gguf_tensor_t *")
     if lib.zm_gguf_tensor_at(data, root.size, info, pos, t):
         raise WeightFormatError(f"tensor info at offset {pos} cannot be decoded")
-    name = str(memoryview(root)[t.name: t.name + t.name_len], "utf-8")  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ is 3.12+
+    name = str(memoryview(root)  # type: ignore[arg-type]  # (_BUFFER)
+               [t.name: t.name + t.name_len], "utf-8")
     type_name, np_name = GGML_TYPES[t.type]
     dims = [int(d) for d in t.dims[0:t.n_dims]]
     shape = tuple(reversed(dims))
