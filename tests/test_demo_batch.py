@@ -156,3 +156,21 @@ def test_an_interrupted_batch_frees_its_sequences_and_the_next_one_is_exact(tiny
     batcher.cache._check()
     assert batcher.generate_ids(prompts, 6, stops=(2,)) == alone
     batcher.close()
+
+
+def test_one_run_at_a_time_and_no_copies(tiny):
+    import copy
+    import pickle
+
+    batcher = Batcher(tiny)
+    tiny._busy.acquire()  # as if another thread were in forward
+    try:
+        with pytest.raises(zm.ZigmemError, match="another thread"):
+            batcher.generate_ids([[5, 6, 7]], 2)
+    finally:
+        tiny._busy.release()
+    assert batcher.cache.stats.sequences == 0
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="Batcher"):
+            attempt(batcher)
+    batcher.close()

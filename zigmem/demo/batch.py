@@ -103,6 +103,17 @@ class Batcher:
         stops = model.tokenizer.stops() if stops is None else stops
         prompts_ids = [self._check_prompt(p) for p in prompts_ids]
         limits = _limits(max_tokens, len(prompts_ids))
+        # The model's arena and session serve one forward at a time: share its guard.
+        if not model._busy.acquire(blocking=False):
+            raise zm.ZigmemError("the model is already running (forward or generate_batch) in "
+                                 "another thread; use one model per thread")
+        try:
+            return self._run(prompts_ids, limits, stops)
+        finally:
+            model._busy.release()
+
+    def _run(self, prompts_ids, limits, stops) -> list[list[int]]:
+        model = self.model
         waiting = deque(_Request(i, p, m) for i, (p, m) in enumerate(zip(prompts_ids, limits)))
         requests = list(waiting)
         active: list[_Request] = []
@@ -164,6 +175,15 @@ class Batcher:
     def close(self) -> None:
         """Give the KV pool back."""
         self.cache.deinit()
+
+    def __copy__(self):
+        raise TypeError("Batcher owns a PagedKVCache and cannot be copied")
+
+    def __deepcopy__(self, memo):
+        raise TypeError("Batcher owns a PagedKVCache and cannot be copied")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("Batcher owns a PagedKVCache and cannot be pickled")
 
     # ------------------------------------------------------------ scheduling
 
