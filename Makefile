@@ -46,6 +46,7 @@ bench: install
 	$(PY) bench/bench_generate_batch.py
 	$(PY) bench/bench_weights.py
 	$(PY) bench/bench_quant.py
+	$(PY) bench/bench_weights_hostile.py
 	$(PY) bench/bench_demo.py
 
 ## make peers: the comparison peers for make bench: llama.cpp through llama-cpp-python

@@ -20,6 +20,8 @@ static inline uintptr_t zm_align_addr(uintptr_t addr, size_t align) {
     return (addr + (align - 1)) & ~(uintptr_t)(align - 1);
 }
 
+size_t zm_memlock_limit(void);
+
 /* A spin lock for critical sections of a few nanoseconds (a bump, a list link). A waiter
  * yields after a short spin, so a holder in a slow path (an mmap) does not starve it. */
 void zm_spin_wait(int *lock);

@@ -7,7 +7,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -18,18 +17,12 @@ size_t zm_page_size(void) {
     return page;
 }
 
-static size_t memlock_limit(void) {
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_MEMLOCK, &rl) != 0) return 0;
-    return rl.rlim_cur == RLIM_INFINITY ? SIZE_MAX : (size_t)rl.rlim_cur;
-}
-
 /* Apply the allocator's options to freshly mapped [p, p + len). False: mlock refused, the
  * caller unmaps. */
 static bool page_prepare(const zm_page_t *pa, void *p, size_t len) {
     if (pa->flags & ZM_PAGE_HUGE_PAGES) (void)madvise(p, len, MADV_HUGEPAGE);
     if ((pa->flags & ZM_PAGE_LOCK) && mlock(p, len) != 0) {
-        zm_fail(ZM_ERR_MLOCK, len, memlock_limit(), errno);
+        zm_fail(ZM_ERR_MLOCK, len, zm_memlock_limit(), errno);
         return false;
     }
     return true;
@@ -58,6 +51,7 @@ static void *page_alloc(void *ctx, size_t len, size_t align) {
         munmap((void *)start, mapped_len);
         return NULL;
     }
+    zm_trace_event(start, mapped_len);
     return (void *)start;
 }
 
@@ -74,11 +68,10 @@ static bool page_resize(void *ctx, void *ptr, size_t len, size_t align, size_t n
     size_t old_mapped, new_mapped;
     if (!page_lengths(len, new_len, &old_mapped, &new_mapped)) return false;
     if (new_mapped == old_mapped) return true;
-    if (new_mapped < old_mapped) {
-        munmap((char *)ptr + new_mapped, old_mapped - new_mapped);
-        return true;
-    }
-    return mremap(ptr, old_mapped, new_mapped, 0) != MAP_FAILED;
+    if (new_mapped < old_mapped) munmap((char *)ptr + new_mapped, old_mapped - new_mapped);
+    else if (mremap(ptr, old_mapped, new_mapped, 0) == MAP_FAILED) return false;
+    zm_trace_event((uintptr_t)ptr, new_mapped); /* the trace of ptr now has the new size */
+    return true;
 }
 
 static void *page_remap(void *ctx, void *ptr, size_t len, size_t align, size_t new_len) {
@@ -88,7 +81,10 @@ static void *page_remap(void *ctx, void *ptr, size_t len, size_t align, size_t n
     size_t old_mapped, new_mapped;
     if (!page_lengths(len, new_len, &old_mapped, &new_mapped)) return NULL;
     void *p = mremap(ptr, old_mapped, new_mapped, MREMAP_MAYMOVE);
-    return p == MAP_FAILED ? NULL : p;
+    if (p == MAP_FAILED) return NULL;
+    zm_trace_event((uintptr_t)ptr, 0);
+    zm_trace_event((uintptr_t)p, new_mapped);
+    return p;
 }
 
 static void page_free(void *ctx, void *ptr, size_t len, size_t align) {
@@ -96,6 +92,7 @@ static void page_free(void *ctx, void *ptr, size_t len, size_t align) {
     (void)align;
     size_t mapped;
     if (zm_align_up(len, zm_page_size(), &mapped)) munmap(ptr, mapped);
+    zm_trace_event((uintptr_t)ptr, 0);
 }
 
 static const zm_vtable_t page_vtable = {page_alloc, page_resize, page_remap, page_free};

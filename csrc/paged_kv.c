@@ -28,24 +28,17 @@
 
 /* ---------------------------------------------------------------- allocation and reports */
 
+/* The allocator is a guarded one (a zigmem allocator's vtable): it serializes itself. */
 static void *pkv_alloc(zm_paged_kv_t *kv, size_t len, size_t align) {
-    if (kv->serialize) zm_py_lock();
-    void *p = zm_alloc(kv->allocator, len, align);
-    if (kv->serialize) zm_py_unlock();
-    return p;
+    return zm_alloc(kv->allocator, len, align);
 }
 
 static void *pkv_realloc(zm_paged_kv_t *kv, void *p, size_t len, size_t new_len) {
-    if (kv->serialize) zm_py_lock();
-    void *q = zm_realloc(kv->allocator, p, len, 8, new_len);
-    if (kv->serialize) zm_py_unlock();
-    return q;
+    return zm_realloc(kv->allocator, p, len, 8, new_len);
 }
 
 static void pkv_free(zm_paged_kv_t *kv, void *p, size_t len, size_t align) {
-    if (kv->serialize) zm_py_lock();
     zm_free(kv->allocator, p, len, align);
-    if (kv->serialize) zm_py_unlock();
 }
 
 ZM_NOINLINE int zm_pkv_problem(int code, int detail, size_t given, size_t expected,
@@ -120,13 +113,13 @@ static int check_config(const zm_paged_kv_config_t *c) {
     return ZM_OK;
 }
 
-int zm_paged_kv_create(zm_allocator_t a, int serialize, const zm_paged_kv_config_t *cfg,
+int zm_paged_kv_create(zm_allocator_t a, const zm_paged_kv_config_t *cfg,
                        zm_paged_kv_t **out) {
     *out = NULL;
     int status = check_config(cfg);
     if (status) return status;
     zm_paged_kv_t tmp = {
-        .allocator = a, .serialize = serialize, .n_layers = cfg->n_layers,
+        .allocator = a, .n_layers = cfg->n_layers,
         .n_kv_heads = cfg->n_kv_heads, .head_dim = cfg->head_dim,
         .num_blocks = cfg->num_blocks, .block_size = cfg->block_size, .dtype = cfg->dtype,
         .itemsize = dtype_size(cfg->dtype), .lru_head = ZM_PKV_NONE, .lru_tail = ZM_PKV_NONE,

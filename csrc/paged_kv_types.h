@@ -44,7 +44,6 @@ typedef struct zm_pkv_seq {
 
 struct zm_paged_kv {
     zm_allocator_t allocator;
-    int serialize;           /* the allocator needs zm_py_lock around its calls */
     pthread_mutex_t lock;    /* every public call runs under it */
     size_t n_layers, n_kv_heads, head_dim, num_blocks, block_size, itemsize;
     int dtype;               /* ZM_KV_F32 / F16 / BF16 */

@@ -5,6 +5,7 @@ activations for one token. See README.md for the tour and its Design section for
 """
 
 from . import testing
+from ._binding import TRACEMALLOC_DOMAIN
 from .allocator import Allocator
 from .arena_allocator import ArenaAllocator
 from .buffer import Buffer
@@ -39,6 +40,7 @@ from .weights import QuantizedMatrix, TensorInfo, WeightFile, load_weights, save
 __version__ = "0.1.0"
 
 __all__ = [
+    "TRACEMALLOC_DOMAIN",
     "Allocator", "ArenaAllocator", "Buffer", "CountingAllocator", "CountingStats",
     "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
     "LeakedBlock", "PageAllocator", "page_allocator",

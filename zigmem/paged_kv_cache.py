@@ -135,10 +135,10 @@ class PagedKVCache:
             "num_blocks": self.num_blocks, "block_size": self.block_size,
             "dtype": _DTYPES[self.dtype.name]})
         out = ffi.new("zm_paged_kv_t **")
-        if lib.zm_paged_kv_create(allocator._c[0], allocator._serialize, config, out):
+        if lib.zm_paged_kv_create(allocator._c[0], config, out):
             raise paged_kv_failure(f"PagedKVCache({self.num_blocks} blocks of {self.block_size})")
         self._kv = out[0]
-        allocator._users.append(type(self).__name__)
+        allocator._add_c_user(self, f"PagedKVCache ({self.num_blocks} blocks)")
         _registry.add(self)
 
     # ------------------------------------------------------------ sequences
@@ -374,7 +374,7 @@ class PagedKVCache:
             if kv is None:
                 return
             lib.zm_paged_kv_destroy(kv)
-            self.allocator._users.remove(type(self).__name__)
+            self.allocator._remove_c_user(self)
 
     def __enter__(self) -> PagedKVCache:
         return self

@@ -65,6 +65,10 @@ typedef enum zm_status {
     ZM_ERR_USE_AFTER_FREE = 11, /* poison of a freed block changed */
     ZM_ERR_LEAK = 12,
     ZM_ERR_INVALID_ARG = 13,
+    ZM_ERR_CLOSED = 14,         /* the allocator was deinitialised */
+    ZM_ERR_STALE = 15,          /* a reset or deinit released the block since it was stamped */
+    ZM_ERR_LIVE = 16,           /* numpy arrays still hold blocks; size = how many */
+    ZM_ERR_RETRY = 17,          /* a view was made while a release was being decided */
 } zm_status_t;
 
 /* What went wrong, for the caller to turn into a precise message. Fields that do not apply
@@ -74,13 +78,16 @@ typedef struct zm_report {
     int sys_errno;        /* errno from the OS call that failed, if any */
     uintptr_t address;    /* the block concerned */
     size_t size;          /* the size requested, or the block's size */
-    size_t expected;      /* the block's alignment */
+    size_t alignment;     /* the block's alignment */
+    size_t expected;      /* the value a check expected (a shape, a length) */
     size_t offset;        /* where corruption starts, relative to the block */
     size_t count;         /* how many bytes are corrupted */
-    size_t limit;         /* the limit that refused the request */
+    size_t limit;         /* the limit that refused the request (bytes) */
+    size_t index;         /* ZM_ERR_INDUCED: the failing allocator's fail index */
     uint64_t alloc_site;  /* caller-provided site ids (general-purpose allocator) */
     uint64_t free_site;
-    int detail;           /* zm_free_detail_t, for ZM_ERR_INVALID_FREE */
+    int detail;           /* zm_free_detail_t for ZM_ERR_INVALID_FREE; S_IFMT type of a
+                             file zm_map_file refused as not regular */
     size_t given;         /* the size or alignment an invalid free passed */
     size_t more;          /* further errors found after this one and not reported */
 } zm_report_t;
@@ -90,11 +97,16 @@ typedef enum zm_free_detail {
     ZM_FREE_UNKNOWN_POINTER = 1, /* never returned by this allocator (or long recycled) */
     ZM_FREE_INTERIOR_POINTER = 2, /* offset bytes inside the block at address */
     ZM_FREE_WRONG_SIZE = 3,       /* given: the size passed; size: the block's */
-    ZM_FREE_WRONG_ALIGNMENT = 4,  /* given: the alignment passed; expected: the block's */
+    ZM_FREE_WRONG_ALIGNMENT = 4,  /* given: the alignment passed; alignment: the block's */
 } zm_free_detail_t;
 
 /* The calling thread's report of its last failure. */
 zm_report_t *zm_last_report(void);
+
+/* The calling thread's current call site (an id the caller interns, 0: none): recorded by
+ * allocators that keep sites (the general-purpose allocator) for calls that carry none. */
+void zm_set_thread_site(uint64_t site);
+uint64_t zm_thread_site(void);
 
 /* ---------------------------------------------------------------- the Allocator interface */
 
@@ -130,6 +142,97 @@ static inline void zm_free(zm_allocator_t a, void *ptr, size_t len, size_t align
 
 /* remap, else alloc + copy + free. NULL: out of memory, the old block is untouched. */
 void *zm_realloc(zm_allocator_t a, void *ptr, size_t len, size_t align, size_t new_len);
+
+/* ---------------------------------------------------------------- memory tracing
+ *
+ * Hooks told about every mapping the page allocator makes (track: address and size) or
+ * gives back (untrack), for a tracer such as Python's tracemalloc (see trace.c). Calls made
+ * inside a guard are delivered when the thread leaves its outermost guard, never under a
+ * lock; threads marked quiet deliver nothing. */
+typedef struct zm_trace_hooks {
+    void (*track)(uintptr_t ptr, size_t size);
+    void (*untrack)(uintptr_t ptr);
+} zm_trace_hooks_t;
+
+/* Install hooks (NULL: none, the default). */
+void zm_trace_set(const zm_trace_hooks_t *hooks);
+/* Mark the calling thread quiet (worker threads that must not call into the tracer). */
+void zm_trace_quiet(bool on);
+/* For allocators: memory from the OS (size > 0) or given back (size 0). */
+void zm_trace_event(uintptr_t ptr, size_t size);
+/* For guards: the thread enters / leaves a lock; leaving the outermost delivers events. */
+void zm_trace_enter(void);
+void zm_trace_leave(void);
+
+/* ---------------------------------------------------------------- guard
+ *
+ * An allocator made safe to share between threads and wrappers, with every release checked
+ * (see guard.c): a lock of its own (shared when the allocator is thread-safe), a generation
+ * that every reset or deinit bumps, a closed flag, and the count of blocks numpy holds. */
+
+typedef struct zm_guard zm_guard_t;
+struct zm_guard {
+    zm_allocator_t inner;
+    uint64_t generation;  /* bumped by every release of this allocator or one below it */
+    int32_t lock;         /* -1: held exclusively; n > 0: n shared holders */
+    bool shared;          /* the inner allocator is thread-safe: calls share the lock */
+    bool closed;          /* deinitialised: every call fails with ZM_ERR_CLOSED */
+    bool registered;
+    size_t foreign_live;  /* blocks handed to numpy (the bridge) and not yet given back */
+    uint64_t holds_made;  /* views ever made of its blocks (zm_guard_hold) */
+    /* Optional hooks of the inner allocator (a GPA's zm_gpa_take_error / _check_block). */
+    int (*take_error)(void *ctx, zm_report_t *r);
+    int (*check_block)(void *ctx, uintptr_t ptr, size_t len, size_t align, zm_report_t *r);
+    uint64_t serial;      /* creation order */
+    zm_guard_t *prev, *next;
+};
+
+/* A block as a caller records it; the checked calls that move it rewrite it in place. */
+typedef struct zm_block {
+    uintptr_t address;
+    size_t nbytes;
+    size_t alignment;
+    int moved;
+} zm_block_t;
+
+/* Register g (for fork) guarding inner; a NULL vtable makes a guard that refuses every call. */
+void zm_guard_init(zm_guard_t *g, zm_allocator_t inner, bool thread_safe);
+/* Unregister; idempotent. g must not be used after. */
+void zm_guard_deinit(zm_guard_t *g);
+/* A vtable that enters the guard around each call: what wrappers above it wrap. */
+void zm_guard_allocator(zm_guard_t *g, zm_allocator_t *out);
+/* Take and drop the lock, for callers that run several steps inside it (the numpy bridge);
+ * false (ZM_ERR_CLOSED reported) when the allocator is closed. */
+bool zm_guard_enter(zm_guard_t *g);
+void zm_guard_leave(zm_guard_t *g);
+
+/* Enter for a caller whose blocks are stamped with generation gen, recording site: false
+ * (report filled) if closed, released since (ZM_ERR_STALE) or an error is pending; leave,
+ * picking up an error the steps found but could not return. For multi-step C callers. */
+bool zm_guard_enter_checked(zm_guard_t *g, uint64_t gen, uint64_t site);
+int zm_guard_leave_checked(zm_guard_t *g, int status);
+
+/* Checked operations for a caller whose block is stamped with generation gen: ZM_ERR_STALE if
+ * a release happened since, ZM_ERR_CLOSED after deinit; site is recorded by a GPA. alloc
+ * returns 0 on failure; resize 1 / 0 (cannot in place) / -1 (error); the others a status. */
+uintptr_t zm_guard_alloc(zm_guard_t *g, uint64_t gen, size_t len, size_t align, uint64_t site);
+int zm_guard_free(zm_guard_t *g, uint64_t gen, uintptr_t ptr, size_t len, size_t align,
+                  uint64_t site);
+int zm_guard_resize(zm_guard_t *g, uint64_t gen, zm_block_t *b, size_t new_len);
+int zm_guard_move(zm_guard_t *g, uint64_t gen, zm_block_t *b, size_t new_len, bool copy,
+                  uint64_t site);
+/* Count a view of a block stamped gen (ZM_ERR_STALE / ZM_ERR_CLOSED if it is gone). The caller
+ * registers the view before, so a release that looked at the views before this call sees
+ * holds_made change and asks again (ZM_ERR_RETRY) instead of releasing under the view. */
+int zm_guard_hold(zm_guard_t *g, uint64_t gen);
+/* Release (reset / deinit) the allocator of chain[n-1] under its guard and the guards of
+ * every allocator above it (chain[0..n-1), newest first: the global lock order): refused
+ * with ZM_ERR_RETRY if a view was made since the caller read holds[i] (holds_made), with
+ * ZM_ERR_LIVE while numpy holds blocks of any of them, or ZM_ERR_CLOSED; else runs
+ * op(ctx, arg) (its status in *op_status), bumps every generation and, with close, marks
+ * chain[n-1] closed, all in one critical section. */
+int zm_guard_release(zm_guard_t *const *chain, const uint64_t *holds, size_t n, bool close,
+                     int (*op)(void *ctx, void *arg), void *ctx, void *arg, int *op_status);
 
 /* ---------------------------------------------------------------- page allocator */
 
@@ -248,26 +351,24 @@ typedef struct zm_gpa_stats {
 } zm_gpa_stats_t;
 
 zm_gpa_t *zm_gpa_create(const zm_gpa_config_t *config);
+/* Its vtable. Operations record zm_thread_site() as their site. */
 void zm_gpa_allocator(zm_gpa_t *g, zm_allocator_t *out);
-/* The site recorded by this thread's next GPA operations made through the vtable. */
-void zm_gpa_set_thread_site(uint64_t site);
 void zm_gpa_stats(zm_gpa_t *g, zm_gpa_stats_t *out);
 /* Verify every live block's red zones and every quarantined block's poison. Returns the
  * first problem (report in zm_last_report) after repairing it, or ZM_OK. */
 int zm_gpa_check(zm_gpa_t *g);
-/* Fill out[0..max) with live blocks (address, size, expected = alignment, alloc_site);
+/* Fill out[0..max) with live blocks (address, size, alignment, alloc_site);
  * returns how many blocks are live. */
 size_t zm_gpa_leaks(zm_gpa_t *g, zm_report_t *out, size_t max);
 /* Release everything. Returns the first corruption found on the way (report filled). */
 int zm_gpa_destroy(zm_gpa_t *g);
 
-/* Checked operations: 0 / ZM_OK, or a status with zm_last_report filled. */
-uintptr_t zm_gpa_py_alloc(zm_gpa_t *g, size_t len, size_t align, uint64_t site);
-int zm_gpa_py_free(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, uint64_t site);
-/* 1: resized, 0: cannot in place, -1: error (report filled) */
-int zm_gpa_py_resize(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, size_t new_len);
-uintptr_t zm_gpa_py_realloc(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align,
-                            size_t new_len, uint64_t site);
+/* Hooks for a guard (zm_guard_t): the pending error of an earlier vtable call (ZM_OK if
+ * none), and a check of a live block before it moves (ZM_OK, or the problem). */
+int zm_gpa_take_error(void *ctx, zm_report_t *r);
+int zm_gpa_check_block(void *ctx, uintptr_t ptr, size_t len, size_t align, zm_report_t *r);
+/* A guard over g with those hooks (shared when g is thread_safe). */
+void zm_gpa_guard_init(zm_guard_t *guard, zm_gpa_t *g);
 
 /* ---------------------------------------------------------------- tensor */
 
@@ -328,43 +429,64 @@ typedef struct zm_mapping {
 enum { ZM_MAP_WRITABLE = 1u << 0, ZM_MAP_POPULATE = 1u << 1, ZM_MAP_LOCK = 1u << 2 };
 enum { ZM_ADVICE_NONE = 0, ZM_ADVICE_SEQUENTIAL = 1, ZM_ADVICE_RANDOM = 2, ZM_ADVICE_WILLNEED = 3 };
 
-/* An empty file maps to {0, 0}. Failures: status, with errno / the memlock limit reported. */
+/* An empty file maps to {0, 0}. Failures: status, with errno / the memlock limit reported;
+ * a path that is not a regular file is ZM_ERR_INVALID_ARG with its S_IFMT type in detail
+ * (and sys_errno EISDIR for a directory). Never blocks on a FIFO. */
 int zm_map_file(const char *path, unsigned flags, int advice, zm_mapping_t *out);
 void zm_unmap(zm_mapping_t *m);
 
-/* GGUF (see gguf.c for the byte layout). Offsets are absolute in the file. */
+/* GGUF (see gguf.c for the byte layout and the phases). Records are found by their file
+ * position ("pos"); offsets in decoded records are absolute in the file. */
 typedef struct zm_gguf_info {
     uint32_t version;
     uint64_t n_tensors, n_kv;
     uint64_t alignment;
+    uint64_t tensors_offset; /* the first tensor info (the first key-value is at 24) */
     uint64_t data_offset;
 } zm_gguf_info_t;
 
 typedef struct zm_gguf_kv {
+    uint64_t pos;       /* the record */
     uint64_t key, key_len;
     uint32_t type;      /* GGUF value type */
     uint32_t item_type; /* arrays: the items' type */
     uint64_t value;     /* offset of the value; of the first item for arrays; of the bytes
                            for strings */
     uint64_t count;     /* arrays: items; strings: bytes */
-    uint64_t end;       /* offset just past the value */
+    uint64_t end;       /* offset just past the value: the next record */
 } zm_gguf_kv_t;
 
 typedef struct zm_gguf_tensor {
+    uint64_t pos;          /* the record */
     uint64_t name, name_len;
     uint32_t n_dims, type; /* ggml type */
     uint64_t dims[4];      /* dims[0] varies fastest */
     uint64_t offset;
     uint64_t nbytes;
+    uint64_t end;          /* the next record */
 } zm_gguf_tensor_t;
 
-/* Check the magic, version and counts (against the file size). */
+/* Phase 1: the magic, the version, the counts against the file size, then every key-value
+ * and tensor info walked and validated; fills info. Nothing is stored: the caller can then
+ * size the indexes (one u64 per record) knowing every counted record exists. */
 int zm_gguf_header(const uint8_t *data, size_t size, zm_gguf_info_t *info, char *err,
                    size_t err_len);
-/* Fill kvs[n_kv] and tensors[n_tensors], validating everything; scratch holds
- * max(n_kv, n_tensors) * 24 bytes. Errors: ZM_ERR_INVALID_ARG, described in err. */
-int zm_gguf_parse(const uint8_t *data, size_t size, zm_gguf_info_t *info, zm_gguf_kv_t *kvs,
-                  zm_gguf_tensor_t *tensors, void *scratch, char *err, size_t err_len);
+/* Phase 3: tensor data inside the file and not overlapping, names and keys unique. Fills
+ * kv_index[n_kv] and tensor_index[n_tensors] with record positions sorted by name.
+ * Errors: ZM_ERR_INVALID_ARG, described in err. */
+int zm_gguf_parse(const uint8_t *data, size_t size, const zm_gguf_info_t *info,
+                  uint64_t *kv_index, uint64_t *tensor_index, char *err, size_t err_len);
+/* Decode the record at pos of a file that passed zm_gguf_parse: bounds are checked again
+ * (a wrong pos gives ZM_ERR_INVALID_ARG, never a wild read), UTF-8 is not. */
+int zm_gguf_kv_at(const uint8_t *data, size_t size, uint64_t pos, zm_gguf_kv_t *kv);
+int zm_gguf_tensor_at(const uint8_t *data, size_t size, const zm_gguf_info_t *info, uint64_t pos,
+                      zm_gguf_tensor_t *t);
+/* Where each of count items of item_type starting at first begins (nested arrays). */
+int zm_gguf_item_offsets(const uint8_t *data, size_t size, uint64_t first, uint32_t item_type,
+                         uint64_t count, uint64_t *offsets);
+/* The position in index (sorted by zm_gguf_parse) of the record named name, or -1. */
+int64_t zm_gguf_find(const uint8_t *data, const uint64_t *index, uint64_t n, const char *name,
+                     size_t name_len);
 bool zm_ggml_type_size(uint32_t type, uint32_t *block, uint32_t *bytes);
 
 enum { ZM_GGML_F32 = 0, ZM_GGML_F16 = 1, ZM_GGML_Q4_0 = 2, ZM_GGML_Q4_1 = 3, ZM_GGML_Q5_0 = 6,
@@ -430,10 +552,8 @@ typedef enum zm_pkv_problem {
                                     whole pool could ever hold (expected) */
 } zm_pkv_problem_t;
 
-/* All allocations (pool, per-block arrays) or none. serialize: take zm_py_lock around the
- * allocator's calls (it is not thread-safe itself). */
-int zm_paged_kv_create(zm_allocator_t a, int serialize, const zm_paged_kv_config_t *cfg,
-                       zm_paged_kv_t **out);
+/* All allocations (pool, per-block arrays) or none, from a (for Python: guarded) allocator. */
+int zm_paged_kv_create(zm_allocator_t a, const zm_paged_kv_config_t *cfg, zm_paged_kv_t **out);
 void zm_paged_kv_destroy(zm_paged_kv_t *kv);
 /* tokens may be NULL (no prompt: nothing cached, nothing registered). */
 int zm_paged_kv_add_sequence(zm_paged_kv_t *kv, const int32_t *tokens, size_t n_tokens,
@@ -517,27 +637,6 @@ void zm_pool_set_allocator(const zm_allocator_t *a);
 int zm_pool_run(zm_task_fn fn, void *arg, size_t n_tasks, size_t scratch_bytes);
 /* The scratch of `worker` during a job. */
 void *zm_pool_scratch(unsigned worker);
-
-/* ---------------------------------------------------------------- Python entry points
- *
- * The Python layer calls these (cffi releases the GIL around them). Addresses travel as
- * integers. `serialize` takes one process-wide lock around the call, for allocators that are
- * not thread-safe themselves: two Python threads must not corrupt an arena. */
-
-uintptr_t zm_py_alloc(const zm_allocator_t *a, size_t len, size_t align, int serialize);
-int zm_py_resize(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                 size_t new_len, int serialize);
-uintptr_t zm_py_remap(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                      size_t new_len, int serialize);
-uintptr_t zm_py_realloc(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                        size_t new_len, int serialize);
-void zm_py_free(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                int serialize);
-int zm_py_tensor_init(zm_tensor_t *t, const zm_allocator_t *a, const int64_t *shape,
-                      size_t ndim, size_t itemsize, int serialize);
-void zm_py_tensor_deinit(zm_tensor_t *t, const zm_allocator_t *a, int serialize);
-void zm_py_lock(void);
-void zm_py_unlock(void);
 
 #ifdef __cplusplus
 }

@@ -93,7 +93,7 @@ static zm_paged_kv_t *make(zm_allocator_t a, size_t blocks, int dtype) {
     dtype_now = dtype;
     zm_paged_kv_config_t cfg = {L, H, D, blocks, BS, dtype};
     zm_paged_kv_t *kv = NULL;
-    CHECK(zm_paged_kv_create(a, 0, &cfg, &kv) == ZM_OK);
+    CHECK(zm_paged_kv_create(a, &cfg, &kv) == ZM_OK);
     return kv;
 }
 
@@ -105,7 +105,7 @@ static void test_config(void) {
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         zm_paged_kv_t *kv = (zm_paged_kv_t *)1;
-        CHECK(zm_paged_kv_create(pa, 0, &bad[i], &kv) != ZM_OK && kv == NULL);
+        CHECK(zm_paged_kv_create(pa, &bad[i], &kv) != ZM_OK && kv == NULL);
     }
 }
 
@@ -219,7 +219,7 @@ static int scenario(zm_allocator_t a) {
     zm_paged_kv_t *kv;
     zm_paged_kv_config_t cfg = {L, H, D, 40, BS, ZM_KV_BF16};
     dtype_now = ZM_KV_BF16;
-    int status = zm_paged_kv_create(a, 0, &cfg, &kv);
+    int status = zm_paged_kv_create(a, &cfg, &kv);
     if (status) return status;
     int64_t ids[12];
     size_t n = 0;

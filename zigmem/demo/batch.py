@@ -32,7 +32,7 @@ import numpy as np
 import zigmem as zm
 from zigmem import ops
 
-from .model import _Activations, _no_arena
+from .activations import Activations
 
 BLOCK_SIZE = 16
 
@@ -255,8 +255,8 @@ class Batcher:
         ends = np.cumsum([n for _, n in feed])
         segments = [(r.seq, int(end - n), int(end), self.cache.seq_len(r.seq))
                     for (r, n), end in zip(feed, ends)]
-        with model.arena.numpy() if model.use_arena else _no_arena():
-            a = _Activations(ids.size, model.dim, model.n_kv_heads * model.head_dim,
+        with model.arena.numpy() if model.use_arena else contextlib.nullcontext():
+            a = Activations(ids.size, model.dim, model.n_kv_heads * model.head_dim,
                              model.layers[0]["ffn_gate"].shape[0] if model.layers else 0)
             model.embedding.rows(ids, out=a.x)
             for index, layer in enumerate(model.layers):
@@ -271,7 +271,7 @@ class Batcher:
             model.arena.reset("retain_capacity")
         return result
 
-    def _block(self, index: int, layer: dict, a: _Activations, segments) -> None:
+    def _block(self, index: int, layer: dict, a: Activations, segments) -> None:
         """``Llama._block`` for many sequences: shared products, per-sequence positions,
         K/V and attention."""
         model, cache = self.model, self.cache

@@ -38,6 +38,7 @@ import numpy as np
 import zigmem as zm
 from zigmem import ops
 
+from .activations import Activations
 from .tokenizer import GGUFTokenizer
 
 _MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -184,8 +185,8 @@ class Llama:
 
     def _forward(self, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
         n = ids.size
-        with self.arena.numpy() if self.use_arena else _no_arena():  # lives for this call
-            a = _Activations(n, self.dim, self.n_kv_heads * self.head_dim,
+        with self.arena.numpy() if self.use_arena else contextlib.nullcontext():  # lives for this call
+            a = Activations(n, self.dim, self.n_kv_heads * self.head_dim,
                              self.layers[0]["ffn_gate"].shape[0] if self.layers else 0)
             self.embedding.rows(ids, out=a.x)
             for index, layer in enumerate(self.layers):
@@ -200,7 +201,7 @@ class Llama:
             self.arena.reset("retain_capacity")
         return result
 
-    def _block(self, index: int, layer: dict, a: _Activations, start: int) -> None:
+    def _block(self, index: int, layer: dict, a: Activations, start: int) -> None:
         """One transformer block, updating the residual stream ``a.x`` in place."""
         ops.rms_norm(a.x, layer["attn_norm"], self.eps, out=a.h)
         layer["attn_q"].matmul(a.h, out=a.q)
@@ -352,27 +353,6 @@ class Llama:
     def __reduce_ex__(self, protocol):
         raise TypeError("Llama cannot be pickled: it owns allocators and a mapped file; "
                         "pickle the path and call load_model(path) again")
-
-
-class _Activations:
-    """The buffers of one forward call over ``n`` tokens; the kernels write into them."""
-
-    __slots__ = ("x", "h", "q", "k", "v", "attended", "o", "gate", "up")
-
-    def __init__(self, n: int, dim: int, kv_dim: int, ff: int) -> None:
-        self.x, self.h = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
-        self.q, self.attended = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
-        self.k, self.v = np.empty((n, kv_dim), np.float32), np.empty((n, kv_dim), np.float32)
-        self.o = np.empty((n, dim), np.float32)
-        self.gate, self.up = np.empty((n, ff), np.float32), np.empty((n, ff), np.float32)
-
-
-class _no_arena:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _sample(logits: np.ndarray, temperature: float, top_k: int | None, rng) -> int:
