@@ -181,6 +181,7 @@ INLINE void q6_k_part(const uint8_t *src, int p, __m256 *v) {
         _Pragma("GCC unroll 16")                                                             \
         for (unsigned r = 0; r < NW; r++) a[r] = _mm256_loadu_ps(acc + r * ACC_STRIDE);      \
         for (size_t b = 0; b < blocks; b++)                                                  \
+            _Pragma("GCC unroll 4")                                                          \
             for (int p = 0; p < ELEMS / PART; p++, x += PART) {                              \
                 _Pragma("GCC unroll 16")                                                     \
                 for (unsigned r = 0; r < NW; r++) name##_part(w[r] + b * BYTES, p, v[r]);    \
