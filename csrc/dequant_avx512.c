@@ -103,6 +103,7 @@ INLINE void q5_1_block(const uint8_t *src, __m512 *v) {
 
 INLINE void q8_0_block(const uint8_t *src, __m512 *v) {
     __m512 d = _mm512_set1_ps(half_at(src));
+    #pragma GCC unroll 16
     for (int h = 0; h < 2; h++) {
         __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 2 + 16 * h)));
         v[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
@@ -139,12 +140,14 @@ INLINE void k4_part(const uint8_t *src, const uint8_t *qh, const uint8_t *qs, in
     scale_min_k4(scales, 2 * c + 1, &sc[1], &m[1]);
     /* ds * q - dm for q = 0..15 (and 16..31 with Q5_K's fifth bit), per sub-block */
     __m512 t0[2], t1[2];
+    #pragma GCC unroll 16
     for (int s = 0; s < 2; s++) {
         __m512 ds = _mm512_set1_ps(d * (float)sc[s]), dm = _mm512_set1_ps(dmin * (float)m[s]);
         t0[s] = _mm512_sub_ps(_mm512_mul_ps(ds, iota16()), dm);
         if (qh)
             t1[s] = _mm512_sub_ps(_mm512_mul_ps(ds, _mm512_add_ps(iota16(), _mm512_set1_ps(16.0f))), dm);
     }
+    #pragma GCC unroll 16
     for (int h = 0; h < 2; h++) {
         __m512i lo, hi;
         nibble_indexes(qs + 32 * c + 16 * h, &lo, &hi);
@@ -173,6 +176,7 @@ INLINE void q6_k_part(const uint8_t *src, int p, __m512 *v) {
     const uint8_t *ql = src, *qh = src + 128;
     const int8_t *scales = (const int8_t *)(src + 192);
     float d = half_at(src + 208);
+    #pragma GCC unroll 16
     for (int e = 64 * p; e < 64 * p + 64; e += 16) {
         int h = e >> 7, k = (e >> 6) & 1, j = (e >> 5) & 3;
         __m512i low = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 64 * h + (e & 63))));
@@ -219,21 +223,28 @@ INLINE void bf16_block(const uint8_t *src, __m512 *v) {
         for (size_t b = 0; b < blocks; b++, src += BYTES)                                    \
             for (int p = 0; p < ELEMS / PART; p++, dst += PART) {                            \
                 name##_part(src, p, v);                                                      \
+                _Pragma("GCC unroll 16")                                                    \
                 for (int c = 0; c < PART / 16; c++) _mm512_storeu_ps(dst + 16 * c, v[c]);   \
             }                                                                                \
     }                                                                                        \
     INLINE void name##_fused_n(const uint8_t *const *w, size_t blocks, const float *x,       \
                                float *acc, const unsigned NW) {                             \
         __m512 a[4], v[4][PART / 16];                                                        \
+        _Pragma("GCC unroll 16")                                                             \
         for (unsigned r = 0; r < NW; r++) a[r] = _mm512_loadu_ps(acc + r * ACC_STRIDE);      \
         for (size_t b = 0; b < blocks; b++)                                                  \
+            _Pragma("GCC unroll 4")                                                          \
             for (int p = 0; p < ELEMS / PART; p++, x += PART) {                              \
+                _Pragma("GCC unroll 16")                                                     \
                 for (unsigned r = 0; r < NW; r++) name##_part(w[r] + b * BYTES, p, v[r]);    \
+                _Pragma("GCC unroll 16")                                                     \
                 for (int c = 0; c < PART / 16; c++) {                                        \
                     __m512 xv = _mm512_loadu_ps(x + 16 * c);                                 \
+                    _Pragma("GCC unroll 16")                                                     \
                     for (unsigned r = 0; r < NW; r++) a[r] = _mm512_fmadd_ps(v[r][c], xv, a[r]); \
                 }                                                                            \
             }                                                                                \
+        _Pragma("GCC unroll 16")                                                             \
         for (unsigned r = 0; r < NW; r++) _mm512_storeu_ps(acc + r * ACC_STRIDE, a[r]);      \
     }                                                                                        \
     static TARGET void name##_fused(const uint8_t *const *w, unsigned nw, size_t blocks,     \
