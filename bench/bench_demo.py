@@ -8,7 +8,10 @@ call to ready (``load_model(path)`` / ``Llama(model_path, n_ctx=2048, n_threads=
 verbose=False)``), then the prompt is evaluated and 64 tokens are decoded greedily, a few
 times; a decode step is one forward pass of one token plus an argmax over its logits, timed
 the same way on both sides. The prompt ids are llama.cpp's tokenization of the demo's chat
-prompt, fed to both. Rows for llama.cpp appear when ``llama_cpp`` is importable (``make
+prompt, fed to both. This machine is shared: wall-clock rates move with the load average
+(printed), and a spinning thread pool suffers most when the cores are oversubscribed; the
+"decode CPU ms/token, 1 thread" row (process time, one thread each) is the cost of a step
+whoever else runs. Rows for llama.cpp appear when ``llama_cpp`` is importable (``make
 peers``); the model files come from bench/smollm2_files.py. Skipped without the model package.
 """
 
@@ -28,8 +31,8 @@ from smollm2_files import quiet_stderr  # noqa: E402
 THREADS = 2
 CONTEXT = 2048
 MAX_TOKENS = 64
-RUNS = 3          # generations per process
-PROCESSES = 3     # fresh processes per side and file (load time, peak RSS)
+RUNS = 2          # generations per process
+PROCESSES = 2     # fresh processes per side and file (load time, peak RSS)
 
 
 def _peak_rss() -> int:
@@ -42,40 +45,53 @@ def _peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def child_zigmem(path: str, ids: list[int]) -> dict:
+def _generate(prefill, step, ids: list[int]) -> dict:
+    """RUNS greedy generations: ``prefill(ids)`` and ``step(token)`` return the next token.
+    Rates from wall time; CPU milliseconds per decode step from process time."""
+    prompt, decode, cpu, tokens = [], [], [], None
+    for _ in range(RUNS):
+        t0 = time.perf_counter()
+        token = prefill(ids)
+        t1, c1 = time.perf_counter(), time.process_time()
+        out = [token]
+        for _ in range(MAX_TOKENS - 1):
+            token = step(token)
+            out.append(token)
+        t2, c2 = time.perf_counter(), time.process_time()
+        prompt.append(len(ids) / (t1 - t0))
+        decode.append((MAX_TOKENS - 1) / (t2 - t1))
+        cpu.append((c2 - c1) / (MAX_TOKENS - 1))
+        tokens = out
+    return {"prompt": prompt, "decode": decode, "decode_cpu": cpu, "tokens": tokens}
+
+
+def child_zigmem(path: str, ids: list[int], threads: int = THREADS) -> dict:
     import numpy as np
 
     import zigmem as zm
     from zigmem.demo import load_model
 
-    zm.set_num_threads(THREADS)
+    zm.set_num_threads(threads)
     t0 = time.perf_counter()
     model = load_model(path, context=CONTEXT)
     load = time.perf_counter() - t0
-    prompt, decode, tokens = [], [], None
-    for _ in range(RUNS):
+
+    def prefill(ids):
         model.reset()
-        t0 = time.perf_counter()
-        token = int(np.argmax(model.forward(ids, logits="last")[-1]))
-        t1 = time.perf_counter()
-        out = [token]
-        for _ in range(MAX_TOKENS - 1):
-            token = int(np.argmax(model.forward([token], logits="last")[-1]))
-            out.append(token)
-        t2 = time.perf_counter()
-        prompt.append(len(ids) / (t1 - t0))
-        decode.append((MAX_TOKENS - 1) / (t2 - t1))
-        tokens = out
-    return {"load": load, "prompt": prompt, "decode": decode, "tokens": tokens,
-            "rss": _peak_rss()}
+        return int(np.argmax(model.forward(ids, logits="last")[-1]))
+
+    def step(token):
+        return int(np.argmax(model.forward([token], logits="last")[-1]))
+
+    return {"load": load, **_generate(prefill, step, ids), "rss": _peak_rss()}
 
 
-def child_llama_cpp(path: str, ids: list[int]) -> dict:
+def child_llama_cpp(path: str, ids: list[int], threads: int = THREADS) -> dict:
     import llama_cpp
     import numpy as np
 
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=CONTEXT, n_threads=THREADS, verbose=False)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=CONTEXT, n_threads=threads, verbose=False)
     load = time.perf_counter() - t0
     vocab = llm.n_vocab()
 
@@ -83,30 +99,22 @@ def child_llama_cpp(path: str, ids: list[int]) -> dict:
         logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(logits, shape=(vocab,))))
 
-    prompt, decode, tokens = [], [], None
-    for _ in range(RUNS):
+    def prefill(ids):
         llm.reset()
-        t0 = time.perf_counter()
         llm.eval(ids)
-        token = last_argmax()
-        t1 = time.perf_counter()
-        out = [token]
-        for _ in range(MAX_TOKENS - 1):
-            llm.eval([token])
-            token = last_argmax()
-            out.append(token)
-        t2 = time.perf_counter()
-        prompt.append(len(ids) / (t1 - t0))
-        decode.append((MAX_TOKENS - 1) / (t2 - t1))
-        tokens = out
-    return {"load": load, "prompt": prompt, "decode": decode, "tokens": tokens,
-            "rss": _peak_rss()}
+        return last_argmax()
+
+    def step(token):
+        llm.eval([token])
+        return last_argmax()
+
+    return {"load": load, **_generate(prefill, step, ids), "rss": _peak_rss()}
 
 
-def run_child(side: str, path: Path, ids: list[int]) -> dict:
+def run_child(side: str, path: Path, ids: list[int], threads: int = THREADS) -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, __file__, "--child", side, str(path), json.dumps(ids)],
-                         check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, __file__, "--child", side, str(path), json.dumps(ids),
+                          str(threads)], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -203,6 +211,12 @@ def main() -> None:
             cells = " ".join(fmt.format(v * scale) for v in values)
             ratio = f"{values[0] / values[1]:7.3f}x" if len(values) > 1 else ""
             print(f"{label:<7} {name:<30} {cells} {ratio:>8}   {target if ratio else ''}")
+        # CPU time per decode step with one thread each: what the step costs, whoever else
+        # runs on the machine (wall-clock rates above depend on that).
+        single = [min(run_child(side, path, ids, threads=1)["decode_cpu"]) for side in sides]
+        ratio = f"{single[0] / single[1]:7.3f}x" if len(single) > 1 else ""
+        print(f"{label:<7} {'decode CPU ms/token, 1 thread':<30} "
+              + " ".join(f"{v * 1e3:12.2f}" for v in single) + f" {ratio:>8}   <= 1.0x")
         if have_llama:
             ours, theirs = runs["zigmem"][0]["tokens"], runs["llama.cpp"][0]["tokens"]
             same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
@@ -221,7 +235,8 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         side, path, ids = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-        result = (child_zigmem if side == "zigmem" else child_llama_cpp)(path, ids)
+        threads = int(sys.argv[5]) if len(sys.argv) > 5 else THREADS
+        result = (child_zigmem if side == "zigmem" else child_llama_cpp)(path, ids, threads)
         print(json.dumps(result))
     else:
         sys.exit(main())

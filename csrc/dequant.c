@@ -108,18 +108,22 @@ static void dequant_iq4_nl(const uint8_t *src, size_t blocks, float *dst) {
 
 /* ---------------------------------------------------------------- 256-element K-quants */
 
+/* Q2_K and Q3_K: element e = 128 h + 32 j + l takes bits 2j of qs[32 h + l]; it lies in
+ * sub-block e / 16 = 8 h + 2 j + l / 16. Loops run over (h, j, half of l) so each inner
+ * loop has one scale and one shift (the compiler vectorizes it). */
 static void dequant_q2_k(const uint8_t *src, size_t blocks, float *dst) {
     for (size_t b = 0; b < blocks; b++, src += 84, dst += 256) {
         const uint8_t *scales = src, *qs = src + 16;
         float d = half_at(src + 80), dmin = half_at(src + 82);
-        /* element e = 128 h + 32 j + l holds bits 2j of qs[32 h + l] */
-        for (int e = 0; e < 256; e++) {
-            int h = e >> 7, j = (e >> 5) & 3, l = e & 31;
-            int q = (qs[32 * h + l] >> (2 * j)) & 3;
-            uint8_t s = scales[e >> 4];
-            float dl = d * (float)(s & 0x0f), ml = dmin * (float)(s >> 4);
-            dst[e] = dl * (float)q - ml;
-        }
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++)
+                for (int half = 0; half < 2; half++) {
+                    uint8_t s = scales[8 * h + 2 * j + half];
+                    float dl = d * (float)(s & 0x0f), ml = dmin * (float)(s >> 4);
+                    const uint8_t *q = qs + 32 * h + 16 * half;
+                    float *o = dst + 128 * h + 32 * j + 16 * half;
+                    for (int l = 0; l < 16; l++) o[l] = dl * (float)((q[l] >> (2 * j)) & 3) - ml;
+                }
     }
 }
 
@@ -133,12 +137,17 @@ static void dequant_q3_k(const uint8_t *src, size_t blocks, float *dst) {
             int hi = (sc[8 + (s & 3)] >> (2 * (s >> 2))) & 3;
             dl[s] = d * (float)((lo | hi << 4) - 32);
         }
-        for (int e = 0; e < 256; e++) {
-            int h = e >> 7, j = (e >> 5) & 3, l = e & 31;
-            int low = (qs[32 * h + l] >> (2 * j)) & 3;
-            int high = (hmask[l] >> (e >> 5)) & 1; /* a set bit means no offset */
-            dst[e] = dl[e >> 4] * (float)(low - (high ? 0 : 4));
-        }
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++)
+                for (int half = 0; half < 2; half++) {
+                    float scale = dl[8 * h + 2 * j + half];
+                    const uint8_t *q = qs + 32 * h + 16 * half, *m = hmask + 16 * half;
+                    float *o = dst + 128 * h + 32 * j + 16 * half;
+                    for (int l = 0; l < 16; l++) { /* a set hmask bit means no offset */
+                        int low = (q[l] >> (2 * j)) & 3, high = (m[l] >> (4 * h + j)) & 1;
+                        o[l] = scale * (float)(low - (high ? 0 : 4));
+                    }
+                }
     }
 }
 

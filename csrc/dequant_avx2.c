@@ -48,6 +48,7 @@ INLINE void q4_0_part(const uint8_t *src, int p, __m256 *v) {
     __m256i eight = _mm256_set1_epi32(8);
     __m128i lo, hi;
     nibbles(src + 2, &lo, &hi);
+    #pragma GCC unroll 16
     for (int g = 0; g < 4; g++) {
         __m256i q = widen(g < 2 ? lo : hi, g & 1);
         v[g] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, eight)), d);
@@ -59,6 +60,7 @@ INLINE void q4_1_part(const uint8_t *src, int p, __m256 *v) {
     __m256 d = _mm256_set1_ps(half_at(src)), m = _mm256_set1_ps(half_at(src + 2));
     __m128i lo, hi;
     nibbles(src + 4, &lo, &hi);
+    #pragma GCC unroll 16
     for (int g = 0; g < 4; g++)
         v[g] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(widen(g < 2 ? lo : hi, g & 1))), m);
 }
@@ -70,6 +72,7 @@ INLINE void q5_0_part(const uint8_t *src, int p, __m256 *v) {
     memcpy(&qh, src + 2, 4);
     __m128i lo, hi;
     nibbles(src + 6, &lo, &hi);
+    #pragma GCC unroll 16
     for (int g = 0; g < 4; g++) {
         __m256i q = _mm256_or_si256(widen(g < 2 ? lo : hi, g & 1), high_bits(qh, g));
         v[g] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(16))));
@@ -83,6 +86,7 @@ INLINE void q5_1_part(const uint8_t *src, int p, __m256 *v) {
     memcpy(&qh, src + 4, 4);
     __m128i lo, hi;
     nibbles(src + 8, &lo, &hi);
+    #pragma GCC unroll 16
     for (int g = 0; g < 4; g++) {
         __m256i q = _mm256_or_si256(widen(g < 2 ? lo : hi, g & 1), high_bits(qh, g));
         v[g] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), m);
@@ -92,6 +96,7 @@ INLINE void q5_1_part(const uint8_t *src, int p, __m256 *v) {
 INLINE void q8_0_part(const uint8_t *src, int p, __m256 *v) {
     (void)p;
     __m256 d = _mm256_set1_ps(half_at(src));
+    #pragma GCC unroll 16
     for (int g = 0; g < 4; g++) {
         __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + 2 + 8 * g)));
         v[g] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
@@ -117,11 +122,14 @@ INLINE void k4_part(const uint8_t *src, const uint8_t *qh, const uint8_t *qs, in
     __m256 ds[2] = {_mm256_set1_ps(d * (float)sc0), _mm256_set1_ps(d * (float)sc1)};
     __m256 dm[2] = {_mm256_set1_ps(dmin * (float)m0), _mm256_set1_ps(dmin * (float)m1)};
     const __m256i one = _mm256_set1_epi32(1);
+    #pragma GCC unroll 16
     for (int h = 0; h < 2; h++) {
         __m128i nib[2];
         nibbles(qs + 32 * c + 16 * h, &nib[0], &nib[1]);
         __m128i bits = qh ? _mm_loadu_si128((const __m128i *)(qh + 16 * h)) : _mm_setzero_si128();
+        #pragma GCC unroll 16
         for (int s = 0; s < 2; s++) /* sub-block 2c + s: nibble s */
+            #pragma GCC unroll 16
             for (int g = 0; g < 2; g++) {
                 __m256i q = widen(nib[s], g);
                 if (qh) {
@@ -141,6 +149,7 @@ INLINE void q6_k_part(const uint8_t *src, int p, __m256 *v) {
     const uint8_t *ql = src, *qh = src + 128;
     const int8_t *scales = (const int8_t *)(src + 192);
     float d = half_at(src + 208);
+    #pragma GCC unroll 16
     for (int e = 64 * p; e < 64 * p + 64; e += 8) { /* see dequant.c */
         int h = e >> 7, k = (e >> 6) & 1, j = (e >> 5) & 3;
         __m256i low = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ql + 64 * h + (e & 63))));
@@ -162,21 +171,28 @@ INLINE void q6_k_part(const uint8_t *src, int p, __m256 *v) {
         for (size_t b = 0; b < blocks; b++, src += BYTES)                                    \
             for (int p = 0; p < ELEMS / PART; p++, dst += PART) {                            \
                 name##_part(src, p, v);                                                      \
+                _Pragma("GCC unroll 16")                                                    \
                 for (int c = 0; c < PART / 8; c++) _mm256_storeu_ps(dst + 8 * c, v[c]);     \
             }                                                                                \
     }                                                                                        \
     INLINE void name##_fused_n(const uint8_t *const *w, size_t blocks, const float *x,       \
                                float *acc, const unsigned NW) {                             \
         __m256 a[4], v[4][PART / 8];                                                         \
+        _Pragma("GCC unroll 16")                                                             \
         for (unsigned r = 0; r < NW; r++) a[r] = _mm256_loadu_ps(acc + r * ACC_STRIDE);      \
         for (size_t b = 0; b < blocks; b++)                                                  \
+            _Pragma("GCC unroll 4")                                                          \
             for (int p = 0; p < ELEMS / PART; p++, x += PART) {                              \
+                _Pragma("GCC unroll 16")                                                     \
                 for (unsigned r = 0; r < NW; r++) name##_part(w[r] + b * BYTES, p, v[r]);    \
+                _Pragma("GCC unroll 16")                                                     \
                 for (int c = 0; c < PART / 8; c++) {                                         \
                     __m256 xv = _mm256_loadu_ps(x + 8 * c);                                  \
+                    _Pragma("GCC unroll 16")                                                     \
                     for (unsigned r = 0; r < NW; r++) a[r] = _mm256_fmadd_ps(v[r][c], xv, a[r]); \
                 }                                                                            \
             }                                                                                \
+        _Pragma("GCC unroll 16")                                                             \
         for (unsigned r = 0; r < NW; r++) _mm256_storeu_ps(acc + r * ACC_STRIDE, a[r]);      \
     }                                                                                        \
     static TARGET void name##_fused(const uint8_t *const *w, unsigned nw, size_t blocks,     \

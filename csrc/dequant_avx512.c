@@ -42,23 +42,38 @@ INLINE __m512i high_bits(uint32_t qh, int half) {
     return _mm512_maskz_mov_epi32((__mmask16)(qh >> (16 * half)), _mm512_set1_epi32(16));
 }
 
+/* 4-bit formats through a table: the 16 values a nibble can stand for are computed once per
+ * block (or sub-block) with the format's own operations, then each element is one
+ * permute, which reads only the low 4 bits of its lane: the same floats for a fraction of
+ * the work. lo/hi: the block's 16 bytes as int32 (low nibbles), and shifted (high). */
+INLINE void nibble_indexes(const uint8_t *q, __m512i *lo, __m512i *hi) {
+    *lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    *hi = _mm512_srli_epi32(*lo, 4);
+}
+
+INLINE __m512 iota16(void) {
+    return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
 /* ---------------------------------------------------------------- block functions */
 
 INLINE void q4_0_block(const uint8_t *src, __m512 *v) {
-    const __m512i eight = _mm512_set1_epi32(8);
-    __m512 d = _mm512_set1_ps(half_at(src));
+    /* (q - 8) * d for q = 0..15 */
+    __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(8.0f)), _mm512_set1_ps(half_at(src)));
     __m512i lo, hi;
-    nibbles(src + 2, &lo, &hi);
-    v[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)), d);
-    v[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)), d);
+    nibble_indexes(src + 2, &lo, &hi);
+    v[0] = _mm512_permutexvar_ps(lo, table);
+    v[1] = _mm512_permutexvar_ps(hi, table);
 }
 
 INLINE void q4_1_block(const uint8_t *src, __m512 *v) {
-    __m512 d = _mm512_set1_ps(half_at(src)), m = _mm512_set1_ps(half_at(src + 2));
+    /* d * q + m */
+    __m512 table = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(half_at(src)), iota16()),
+                                 _mm512_set1_ps(half_at(src + 2)));
     __m512i lo, hi;
-    nibbles(src + 4, &lo, &hi);
-    v[0] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)), m);
-    v[1] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)), m);
+    nibble_indexes(src + 4, &lo, &hi);
+    v[0] = _mm512_permutexvar_ps(lo, table);
+    v[1] = _mm512_permutexvar_ps(hi, table);
 }
 
 INLINE void q5_0_block(const uint8_t *src, __m512 *v) {
@@ -88,6 +103,7 @@ INLINE void q5_1_block(const uint8_t *src, __m512 *v) {
 
 INLINE void q8_0_block(const uint8_t *src, __m512 *v) {
     __m512 d = _mm512_set1_ps(half_at(src));
+    #pragma GCC unroll 16
     for (int h = 0; h < 2; h++) {
         __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 2 + 16 * h)));
         v[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
@@ -96,11 +112,11 @@ INLINE void q8_0_block(const uint8_t *src, __m512 *v) {
 
 INLINE void iq4_nl_block(const uint8_t *src, __m512 *v) {
     __m512 grid = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)zm_iq4nl_values)));
-    __m512 d = _mm512_set1_ps(half_at(src));
+    __m512 table = _mm512_mul_ps(_mm512_set1_ps(half_at(src)), grid); /* d * kvalues[q] */
     __m512i lo, hi;
-    nibbles(src + 2, &lo, &hi);
-    v[0] = _mm512_mul_ps(d, _mm512_permutexvar_ps(lo, grid));
-    v[1] = _mm512_mul_ps(d, _mm512_permutexvar_ps(hi, grid));
+    nibble_indexes(src + 2, &lo, &hi);
+    v[0] = _mm512_permutexvar_ps(lo, table);
+    v[1] = _mm512_permutexvar_ps(hi, table);
 }
 
 static inline void scale_min_k4(const uint8_t *scales, int s, int *sc, int *m) {
@@ -119,22 +135,35 @@ static inline void scale_min_k4(const uint8_t *scales, int s, int *sc, int *m) {
 INLINE void k4_part(const uint8_t *src, const uint8_t *qh, const uint8_t *qs, int c, __m512 *v) {
     float d = half_at(src), dmin = half_at(src + 2);
     const uint8_t *scales = src + 4;
-    const __m512i one = _mm512_set1_epi32(1);
-    int sc0, m0, sc1, m1;
-    scale_min_k4(scales, 2 * c, &sc0, &m0);
-    scale_min_k4(scales, 2 * c + 1, &sc1, &m1);
-    __m512 ds0 = _mm512_set1_ps(d * (float)sc0), dm0 = _mm512_set1_ps(dmin * (float)m0);
-    __m512 ds1 = _mm512_set1_ps(d * (float)sc1), dm1 = _mm512_set1_ps(dmin * (float)m1);
+    int sc[2], m[2];
+    scale_min_k4(scales, 2 * c, &sc[0], &m[0]);
+    scale_min_k4(scales, 2 * c + 1, &sc[1], &m[1]);
+    /* ds * q - dm for q = 0..15 (and 16..31 with Q5_K's fifth bit), per sub-block */
+    __m512 t0[2], t1[2];
+    #pragma GCC unroll 16
+    for (int s = 0; s < 2; s++) {
+        __m512 ds = _mm512_set1_ps(d * (float)sc[s]), dm = _mm512_set1_ps(dmin * (float)m[s]);
+        t0[s] = _mm512_sub_ps(_mm512_mul_ps(ds, iota16()), dm);
+        if (qh)
+            t1[s] = _mm512_sub_ps(_mm512_mul_ps(ds, _mm512_add_ps(iota16(), _mm512_set1_ps(16.0f))), dm);
+    }
+    #pragma GCC unroll 16
     for (int h = 0; h < 2; h++) {
         __m512i lo, hi;
-        nibbles(qs + 32 * c + 16 * h, &lo, &hi);
-        if (qh) {
+        nibble_indexes(qs + 32 * c + 16 * h, &lo, &hi);
+        if (qh) { /* bit s of qh[l] is the fifth bit of sub-block s: index bit 4 picks t1 */
             __m512i bits = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + 16 * h)));
-            lo = _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 2 * c), one), 4));
-            hi = _mm512_or_si512(hi, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 2 * c + 1), one), 4));
+            __m512i m4 = _mm512_set1_epi32(0x0f), one = _mm512_set1_epi32(1);
+            __m512i b0 = _mm512_and_si512(_mm512_srli_epi32(bits, 2 * c), one);
+            __m512i b1 = _mm512_and_si512(_mm512_srli_epi32(bits, 2 * c + 1), one);
+            lo = _mm512_or_si512(_mm512_and_si512(lo, m4), _mm512_slli_epi32(b0, 4));
+            hi = _mm512_or_si512(hi, _mm512_slli_epi32(b1, 4));
+            v[h] = _mm512_permutex2var_ps(t0[0], lo, t1[0]);
+            v[2 + h] = _mm512_permutex2var_ps(t0[1], hi, t1[1]);
+        } else {
+            v[h] = _mm512_permutexvar_ps(lo, t0[0]);
+            v[2 + h] = _mm512_permutexvar_ps(hi, t0[1]);
         }
-        v[h] = _mm512_sub_ps(_mm512_mul_ps(ds0, _mm512_cvtepi32_ps(lo)), dm0);
-        v[2 + h] = _mm512_sub_ps(_mm512_mul_ps(ds1, _mm512_cvtepi32_ps(hi)), dm1);
     }
 }
 
@@ -147,6 +176,7 @@ INLINE void q6_k_part(const uint8_t *src, int p, __m512 *v) {
     const uint8_t *ql = src, *qh = src + 128;
     const int8_t *scales = (const int8_t *)(src + 192);
     float d = half_at(src + 208);
+    #pragma GCC unroll 16
     for (int e = 64 * p; e < 64 * p + 64; e += 16) {
         int h = e >> 7, k = (e >> 6) & 1, j = (e >> 5) & 3;
         __m512i low = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 64 * h + (e & 63))));
@@ -193,21 +223,28 @@ INLINE void bf16_block(const uint8_t *src, __m512 *v) {
         for (size_t b = 0; b < blocks; b++, src += BYTES)                                    \
             for (int p = 0; p < ELEMS / PART; p++, dst += PART) {                            \
                 name##_part(src, p, v);                                                      \
+                _Pragma("GCC unroll 16")                                                    \
                 for (int c = 0; c < PART / 16; c++) _mm512_storeu_ps(dst + 16 * c, v[c]);   \
             }                                                                                \
     }                                                                                        \
     INLINE void name##_fused_n(const uint8_t *const *w, size_t blocks, const float *x,       \
                                float *acc, const unsigned NW) {                             \
         __m512 a[4], v[4][PART / 16];                                                        \
+        _Pragma("GCC unroll 16")                                                             \
         for (unsigned r = 0; r < NW; r++) a[r] = _mm512_loadu_ps(acc + r * ACC_STRIDE);      \
         for (size_t b = 0; b < blocks; b++)                                                  \
+            _Pragma("GCC unroll 4")                                                          \
             for (int p = 0; p < ELEMS / PART; p++, x += PART) {                              \
+                _Pragma("GCC unroll 16")                                                     \
                 for (unsigned r = 0; r < NW; r++) name##_part(w[r] + b * BYTES, p, v[r]);    \
+                _Pragma("GCC unroll 16")                                                     \
                 for (int c = 0; c < PART / 16; c++) {                                        \
                     __m512 xv = _mm512_loadu_ps(x + 16 * c);                                 \
+                    _Pragma("GCC unroll 16")                                                     \
                     for (unsigned r = 0; r < NW; r++) a[r] = _mm512_fmadd_ps(v[r][c], xv, a[r]); \
                 }                                                                            \
             }                                                                                \
+        _Pragma("GCC unroll 16")                                                             \
         for (unsigned r = 0; r < NW; r++) _mm512_storeu_ps(acc + r * ACC_STRIDE, a[r]);      \
     }                                                                                        \
     static TARGET void name##_fused(const uint8_t *const *w, unsigned nw, size_t blocks,     \

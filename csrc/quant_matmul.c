@@ -82,14 +82,19 @@ static ALWAYS_INLINE TARGET_AVX2 void accumulate_avx2_block(const float *const *
                                                             size_t len, float *acc,
                                                             const unsigned NW, const unsigned NX) {
     __m256 a[BLOCK_W][2];
+    #pragma GCC unroll 16
     for (unsigned r = 0; r < NW; r++)
+        #pragma GCC unroll 16
         for (unsigned i = 0; i < NX; i++) a[r][i] = _mm256_loadu_ps(acc + (r * BLOCK_X + i) * MAX_LANES);
     size_t j = 0;
     for (; j + 8 <= len; j += 8) {
         __m256 xv[2];
+        #pragma GCC unroll 16
         for (unsigned i = 0; i < NX; i++) xv[i] = _mm256_loadu_ps(x + i * ldx + j);
+        #pragma GCC unroll 16
         for (unsigned r = 0; r < NW; r++) {
             __m256 wv = _mm256_loadu_ps(w[r] + j);
+            #pragma GCC unroll 16
             for (unsigned i = 0; i < NX; i++) a[r][i] = _mm256_fmadd_ps(wv, xv[i], a[r][i]);
         }
     }
@@ -97,13 +102,18 @@ static ALWAYS_INLINE TARGET_AVX2 void accumulate_avx2_block(const float *const *
         static const int32_t ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
         __m256i mask = _mm256_loadu_si256((const __m256i *)(ones + 8 - (len - j)));
         __m256 xv[2];
+        #pragma GCC unroll 16
         for (unsigned i = 0; i < NX; i++) xv[i] = _mm256_maskload_ps(x + i * ldx + j, mask);
+        #pragma GCC unroll 16
         for (unsigned r = 0; r < NW; r++) {
             __m256 wv = _mm256_maskload_ps(w[r] + j, mask);
+            #pragma GCC unroll 16
             for (unsigned i = 0; i < NX; i++) a[r][i] = _mm256_fmadd_ps(wv, xv[i], a[r][i]);
         }
     }
+    #pragma GCC unroll 16
     for (unsigned r = 0; r < NW; r++)
+        #pragma GCC unroll 16
         for (unsigned i = 0; i < NX; i++) _mm256_storeu_ps(acc + (r * BLOCK_X + i) * MAX_LANES, a[r][i]);
 }
 
@@ -128,27 +138,37 @@ static ALWAYS_INLINE TARGET_AVX512 void accumulate_avx512_block(const float *con
                                                                 const unsigned NW,
                                                                 const unsigned NX) {
     __m512 a[BLOCK_W][BLOCK_X];
+    #pragma GCC unroll 16
     for (unsigned r = 0; r < NW; r++)
+        #pragma GCC unroll 16
         for (unsigned i = 0; i < NX; i++) a[r][i] = _mm512_loadu_ps(acc + (r * BLOCK_X + i) * MAX_LANES);
     size_t j = 0;
     for (; j + 16 <= len; j += 16) {
         __m512 xv[BLOCK_X];
+        #pragma GCC unroll 16
         for (unsigned i = 0; i < NX; i++) xv[i] = _mm512_loadu_ps(x + i * ldx + j);
+        #pragma GCC unroll 16
         for (unsigned r = 0; r < NW; r++) {
             __m512 wv = _mm512_loadu_ps(w[r] + j);
+            #pragma GCC unroll 16
             for (unsigned i = 0; i < NX; i++) a[r][i] = _mm512_fmadd_ps(wv, xv[i], a[r][i]);
         }
     }
     if (j < len) {
         __mmask16 mask = (__mmask16)((1u << (len - j)) - 1);
         __m512 xv[BLOCK_X];
+        #pragma GCC unroll 16
         for (unsigned i = 0; i < NX; i++) xv[i] = _mm512_maskz_loadu_ps(mask, x + i * ldx + j);
+        #pragma GCC unroll 16
         for (unsigned r = 0; r < NW; r++) {
             __m512 wv = _mm512_maskz_loadu_ps(mask, w[r] + j);
+            #pragma GCC unroll 16
             for (unsigned i = 0; i < NX; i++) a[r][i] = _mm512_fmadd_ps(wv, xv[i], a[r][i]);
         }
     }
+    #pragma GCC unroll 16
     for (unsigned r = 0; r < NW; r++)
+        #pragma GCC unroll 16
         for (unsigned i = 0; i < NX; i++) _mm512_storeu_ps(acc + (r * BLOCK_X + i) * MAX_LANES, a[r][i]);
 }
 
@@ -301,6 +321,7 @@ static void matmul_task(void *arg, size_t task, unsigned worker) {
         for (size_t r = 0; r < nrows; r += BLOCK_W) {
             unsigned nw = nrows - r < BLOCK_W ? (unsigned)(nrows - r) : BLOCK_W;
             const float *w[BLOCK_W];
+            #pragma GCC unroll 16
             for (unsigned k = 0; k < nw; k++) w[k] = tile + (r + k) * cols;
             acc_t acc = {0};
             job->k->accumulate(w, nw, job->x + i * cols, cols, nx, cols, acc);

@@ -29,14 +29,15 @@ def prompts_with_a_shared_system_prompt(n, seed=0):
     return [system + rng.integers(3, VOCAB, int(rng.integers(1, 12))).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("max_batch", [1, 3, 8])
-def test_batched_greedy_equals_generate_alone(tiny, max_batch):
+@pytest.mark.parametrize("max_batch,max_step_rows", [(1, 16), (3, 5), (8, 16), (8, 64)])
+def test_batched_greedy_equals_generate_alone(tiny, max_batch, max_step_rows):
     prompts = prompts_with_a_shared_system_prompt(7)
     prompts.append([5, 6, 7])  # and one that shares nothing
     limits = [20, 9, 1, 30, 12, 5, 18, 25]
     stops = (2,)
     alone = [tiny.generate_ids(p, m, stops=stops)[0] for p, m in zip(prompts, limits)]
-    batcher = Batcher(tiny, max_batch=max_batch, num_blocks=40)  # all eight fit
+    batcher = Batcher(tiny, max_batch=max_batch, num_blocks=40,  # all eight fit
+                      max_step_rows=max_step_rows)  # prompts of 22-32 tokens: chunked
     for _ in range(2):  # the second run's prompts come from the prefix cache
         assert batcher.generate_ids(prompts, limits, stops=stops) == alone
     run = batcher.last_run
@@ -108,7 +109,7 @@ def test_batched_logits_are_bitwise_those_of_forward_alone(tiny):
     assert active[1].cached_tokens == 16
     fed = [list(p) for p in prompts]
     for step in range(3):  # a prefill step, then decode steps
-        logits = batcher._step(active)
+        logits = batcher._step([(r, r.pending.size) for r in active])
         for r, row in zip(active, logits):
             tiny.reset()
             alone = tiny.forward(fed[r.index], logits="last")[0]
@@ -155,4 +156,22 @@ def test_an_interrupted_batch_frees_its_sequences_and_the_next_one_is_exact(tiny
     assert stats.sequences == 0 and stats.blocks_in_use == 0
     batcher.cache._check()
     assert batcher.generate_ids(prompts, 6, stops=(2,)) == alone
+    batcher.close()
+
+
+def test_one_run_at_a_time_and_no_copies(tiny):
+    import copy
+    import pickle
+
+    batcher = Batcher(tiny)
+    tiny._busy.acquire()  # as if another thread were in forward
+    try:
+        with pytest.raises(zm.ZigmemError, match="another thread"):
+            batcher.generate_ids([[5, 6, 7]], 2)
+    finally:
+        tiny._busy.release()
+    assert batcher.cache.stats.sequences == 0
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="Batcher"):
+            attempt(batcher)
     batcher.close()

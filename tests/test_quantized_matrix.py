@@ -452,3 +452,14 @@ def test_zero_rows_of_x_and_empty_matrices(model):
     q = model.matrix("Q8_0")
     assert q.matmul(np.ones((0, COLS), np.float32)).shape == (0, ROWS)
     assert q.rows(np.array([], np.int64)).shape == (0, COLS)
+
+
+def test_the_constructor_checks_the_bytes_against_the_shape():
+    good = random_blocks(Q.Q4_0, 2, 64)
+    assert zm.QuantizedMatrix("m", "Q4_0", (2, 64), good).shape == (2, 64)
+    for shape, data in [((3, 64), good), ((2, 48), good), ((2, 64), good[:, :-1].copy()),
+                        ((2, 64), np.ascontiguousarray(good.T).T)]:
+        with pytest.raises(zm.InvalidArgumentError):
+            zm.QuantizedMatrix("m", "Q4_0", shape, data)
+    with pytest.raises(zm.InvalidArgumentError, match="Q8_1 is not supported"):
+        zm.QuantizedMatrix("m", "Q8_1", (2, 64), good)

@@ -90,12 +90,12 @@ static void test_overflow_and_underflow(void) {
     zm_gpa_t *g = make(true, 1 << 20, SIZE_MAX);
     uintptr_t p = gpa_alloc(g, 100, 8, 11);
     CHECK(p != 0);
-    ((char *)p)[100] = 'x'; /* one byte past the end */
+    ((char *)p)[100] ^= 0x5a; /* one byte past the end (flipped: canaries are random) */
     CHECK(gpa_free(g, p, 100, 8, 12) == ZM_ERR_OVERFLOW);
     CHECK(last()->offset == 100 && last()->count == 1 && last()->alloc_site == 11);
 
     p = gpa_alloc(g, 64, 64, 13);
-    memset((char *)p - 16, 0, 16); /* the whole red zone before */
+    for (int i = 1; i <= 16; i++) ((char *)p)[-i] ^= 0x5a; /* the whole red zone before */
     CHECK(zm_gpa_check(g) == ZM_ERR_UNDERFLOW);
     CHECK(last()->address == p && last()->offset == 16 && last()->count == 16);
     CHECK(zm_gpa_check(g) == ZM_OK); /* repaired: reported once */
@@ -137,11 +137,11 @@ static void test_use_after_free(void) {
     CHECK(gpa_free(g, p, 512, 16, 22) == ZM_OK);
     /* read after free sees poison, not the old data */
     CHECK(((unsigned char *)p)[0] != 7 || ((unsigned char *)p)[1] != 7);
-    ((char *)p)[300] = 1; /* write after free */
+    ((char *)p)[300] ^= 0x5a; /* write after free (a flip: poison is random, a constant may match) */
     CHECK(zm_gpa_check(g) == ZM_ERR_USE_AFTER_FREE);
     CHECK(last()->offset == 300 && last()->alloc_site == 21 && last()->free_site == 22);
     /* found again when it leaves quarantine? no: check() repaired it */
-    ((char *)p)[5] = 1;
+    ((char *)p)[5] ^= 0x5a;
     /* found when it leaves quarantine: the free that pushed it out reports it, once */
     int found = 0;
     for (int i = 0; i < 20; i++) {
@@ -172,7 +172,7 @@ static void test_limit_and_resize(void) {
     CHECK(last()->limit == 10000);
     CHECK(gpa_resize(g, p, 6000, 16, 20000) == 0); /* refused, block untouched */
     CHECK(gpa_resize(g, p, 6000, 16, 5000) == 1);
-    ((char *)p)[5000] = 1; /* the shrunk-away bytes are red zone now */
+    ((char *)p)[5000] ^= 0x5a; /* the shrunk-away bytes are red zone now (flipped: canaries are random) */
     CHECK(zm_gpa_check(g) == ZM_ERR_OVERFLOW && last()->offset == 5000);
     /* moving needs old and new at once: over the limit, refused, the old block intact */
     memset((void *)p, 3, 5000);
@@ -195,7 +195,7 @@ static void test_limit_and_resize(void) {
     CHECK(gpa_alloc(g, SIZE_MAX - 8, 16, 1) == 0 && last()->code == ZM_ERR_TOO_LARGE);
     uintptr_t big = gpa_alloc(g, 3u << 20, 2u << 20, 1); /* large, over-aligned */
     CHECK(big && (big & ((2u << 20) - 1)) == 0);
-    ((char *)big)[(3u << 20) + 3] = 1;
+    ((char *)big)[(3u << 20) + 3] ^= 0x5a;
     CHECK(gpa_free(g, big, 3u << 20, 2u << 20, 2) == ZM_ERR_OVERFLOW);
     CHECK(gpa_destroy(g) == ZM_OK);
 }

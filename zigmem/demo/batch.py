@@ -61,6 +61,9 @@ class Batcher:
         max_batch: Sequences in flight at once.
         num_blocks: Blocks in the pool (default: two full contexts; admission keeps the
             sequences in flight within it, however many of ``max_batch`` that allows).
+        max_step_rows: Rows per forward pass: decode rows, then prompt chunks (chunked
+            prefill, so a long prompt does not stall the others' decoding for a whole
+            prefill). Results do not depend on it.
 
     Example:
         >>> batcher = Batcher(model)
@@ -68,11 +71,12 @@ class Batcher:
         >>> batcher.close()
     """
 
-    def __init__(self, model, max_batch: int = 8, num_blocks: int | None = None) -> None:
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise zm.InvalidArgumentError(
-                f"max_batch must be a positive integer, got {max_batch!r}")
-        self.model, self.max_batch = model, max_batch
+    def __init__(self, model, max_batch: int = 8, num_blocks: int | None = None,
+                 max_step_rows: int = 256) -> None:
+        for name, value in (("max_batch", max_batch), ("max_step_rows", max_step_rows)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise zm.InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+        self.model, self.max_batch, self.max_step_rows = model, max_batch, max_step_rows
         per_sequence = -(-model.context // BLOCK_SIZE)
         self.cache = zm.PagedKVCache(model.kv_memory, model.n_layers, model.n_kv_heads,
                                      model.head_dim, num_blocks or 2 * per_sequence,
@@ -103,6 +107,17 @@ class Batcher:
         stops = model.tokenizer.stops() if stops is None else stops
         prompts_ids = [self._check_prompt(p) for p in prompts_ids]
         limits = _limits(max_tokens, len(prompts_ids))
+        # The model's arena and session serve one forward at a time: share its guard.
+        if not model._busy.acquire(blocking=False):
+            raise zm.ZigmemError("the model is already running (forward or generate_batch) in "
+                                 "another thread; use one model per thread")
+        try:
+            return self._run(prompts_ids, limits, stops)
+        finally:
+            model._busy.release()
+
+    def _run(self, prompts_ids, limits, stops) -> list[list[int]]:
+        model = self.model
         waiting = deque(_Request(i, p, m) for i, (p, m) in enumerate(zip(prompts_ids, limits)))
         requests = list(waiting)
         active: list[_Request] = []
@@ -117,11 +132,15 @@ class Batcher:
                     raise zm.OutOfMemoryError(
                         f"the KV pool cannot hold prompt {waiting[0].index} "
                         f"({waiting[0].ids.size} tokens) even alone")
-                logits = self._step(active)
+                feed = self._plan(active)
+                logits = self._step(feed)
                 steps += 1
-                rows_run += sum(r.pending.size for r in active)
+                rows_run += sum(n for _, n in feed)
                 now = time.perf_counter()
-                for r, row in zip(list(active), logits):
+                for (r, n), row in zip(feed, logits):
+                    r.pending = r.pending[n:]
+                    if r.pending.size:  # a prompt chunk: its next-token logits are not needed
+                        continue
                     token = int(np.argmax(row))
                     if not r.answer and not r.first_token:
                         r.first_token = now
@@ -165,6 +184,15 @@ class Batcher:
         """Give the KV pool back."""
         self.cache.deinit()
 
+    def __copy__(self):
+        raise TypeError("Batcher owns a PagedKVCache and cannot be copied")
+
+    def __deepcopy__(self, memo):
+        raise TypeError("Batcher owns a PagedKVCache and cannot be copied")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("Batcher owns a PagedKVCache and cannot be pickled")
+
     # ------------------------------------------------------------ scheduling
 
     def _admit(self, r: _Request, active: list[_Request]) -> bool:
@@ -202,16 +230,31 @@ class Batcher:
                 f"a prompt of {ids.size} tokens does not fit the context of {model.context}")
         return ids.astype(np.int64)
 
+    def _plan(self, active: list[_Request]) -> list[tuple[_Request, int]]:
+        """The rows of the next step: every decoding sequence's one token first, then prompt
+        chunks up to ``max_step_rows`` in all (chunked prefill: decode rows do not wait
+        behind a whole long prompt).
+        A prompt gets at least one row per step, so every step makes progress."""
+        feed = [(r, 1) for r in active if r.answer]
+        left = self.max_step_rows - len(feed)
+        for r in active:
+            if not r.answer:
+                take = min(r.pending.size, max(left, 1))
+                feed.append((r, take))
+                left -= take
+        return feed
+
     # ------------------------------------------------------------ one batched forward pass
 
-    def _step(self, active: list[_Request]) -> np.ndarray:
-        """Run every active request's pending tokens as one batch; the logits of each one's
-        last row, ``[len(active), vocab]``, in the session allocator."""
+    def _step(self, feed: list[tuple[_Request, int]]) -> np.ndarray:
+        """Run the planned rows (``(request, n)``: the first n of its pending tokens) as one
+        batch; the logits of each request's last row, ``[len(feed), vocab]``, in the
+        session allocator."""
         model = self.model
-        ids = np.concatenate([r.pending for r in active])
-        ends = np.cumsum([r.pending.size for r in active])
-        segments = [(r.seq, int(end - r.pending.size), int(end), self.cache.seq_len(r.seq))
-                    for r, end in zip(active, ends)]
+        ids = np.concatenate([r.pending[:n] for r, n in feed])
+        ends = np.cumsum([n for _, n in feed])
+        segments = [(r.seq, int(end - n), int(end), self.cache.seq_len(r.seq))
+                    for (r, n), end in zip(feed, ends)]
         with model.arena.numpy() if model.use_arena else contextlib.nullcontext():
             a = Activations(ids.size, model.dim, model.n_kv_heads * model.head_dim,
                              model.layers[0]["ffn_gate"].shape[0] if model.layers else 0)

@@ -144,11 +144,22 @@ class QuantizedMatrix:
     __slots__ = ("name", "shape", "dtype", "nbytes", "_type", "_data", "_ptr", "__weakref__")
 
     def __init__(self, name: str, dtype: str, shape: tuple[int, ...], data: np.ndarray) -> None:
+        """Wrap ``data``, the C-contiguous bytes of a ``shape`` matrix of type ``dtype``
+        (``WeightFile.matrix`` does this; the bytes' size is checked against the shape)."""
         self._type = type_id(dtype, f"matrix {name!r}")
         if len(shape) != 2:
             raise InvalidArgumentError(f"matrix {name!r}: a matrix has 2 dimensions, this "
                                        f"tensor has shape {shape}")
-        self.name, self.dtype, self.shape = name, dtype, (int(shape[0]), int(shape[1]))
+        rows, cols = (int(d) for d in shape)
+        block, size = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+        lib.zm_ggml_type_size(self._type, block, size)
+        if not isinstance(data, np.ndarray) or not data.flags.c_contiguous:
+            raise InvalidArgumentError(f"matrix {name!r}: data must be a C-contiguous array")
+        if rows < 0 or cols < 0 or cols % block[0] or data.nbytes != rows * (cols // block[0]) * size[0]:
+            raise InvalidArgumentError(
+                f"matrix {name!r}: {data.nbytes} bytes do not hold a {rows}x{cols} {dtype} matrix "
+                f"(rows of {block[0]}-element blocks of {size[0]} bytes)")
+        self.name, self.dtype, self.shape = name, dtype, (rows, cols)
         self._data = data.reshape(-1).view(np.uint8)  # holds the mapping
         self.nbytes = self._data.size
         self._ptr = ffi.cast("const void *", self._data.ctypes.data if self.nbytes else 0)
@@ -221,8 +232,8 @@ class QuantizedMatrix:
         """
         rows, cols = self.shape
         ids_arr = np.asarray(ids)
+        # (an empty list is float64 to numpy: no ids, not a wrong type)
         if ids_arr.dtype.kind not in "iu" and (ids_arr.size or isinstance(ids, np.ndarray)):
-            # (an empty list is float64 to numpy: no ids, not a wrong type)
             raise InvalidArgumentError(f"{self.name}: ids must be integers, not {ids_arr.dtype}")
         shape = (*ids_arr.shape, cols)
         if ids_arr.size:
