@@ -176,9 +176,9 @@ int zm_paged_kv_attention(zm_paged_kv_t *kv, size_t layer, const int64_t *ids,
         .scale = 1.0f / sqrtf((float)kv->head_dim), .ids = ids, .q_lens = q_lens, .q = q,
         .out = out, .task = current_isa()->task,
     };
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     int status = validate(kv, &c);
     if (!status) status = zm_pool_run(run_task, &c, c.n_tasks, 0); /* no scratch: cannot fail */
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     return status;
 }

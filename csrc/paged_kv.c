@@ -143,10 +143,9 @@ int zm_paged_kv_create(zm_allocator_t a, const zm_paged_kv_config_t *cfg,
     if (!kv->meta) goto fail_struct;
     kv->pool = pkv_alloc(kv, kv->pool_bytes, 64);
     if (!kv->pool) goto fail_meta;
-    if (pthread_mutex_init(&kv->lock, NULL)) {
-        zm_fail(ZM_ERR_OUT_OF_MEMORY, sizeof kv->lock, 0, 0);
-        goto fail_pool;
-    }
+    /* The cache's lock is a guard: registered for fork (guard.c takes it around fork()),
+     * never held across a return to the caller. */
+    zm_guard_init(&kv->lock, a, false);
     meta_layout(kv, kv->meta);
     memset(kv->meta, 0, kv->meta_bytes);
     for (size_t i = 0; i < kv->n_buckets; i++) kv->buckets[i] = ZM_PKV_NONE;
@@ -158,8 +157,6 @@ int zm_paged_kv_create(zm_allocator_t a, const zm_paged_kv_config_t *cfg,
     kv->n_free = kv->num_blocks;
     *out = kv;
     return ZM_OK;
-fail_pool:
-    pkv_free(kv, kv->pool, kv->pool_bytes, 64);
 fail_meta:
     pkv_free(kv, kv->meta, kv->meta_bytes, 64);
 fail_struct:
@@ -175,8 +172,8 @@ void zm_paged_kv_destroy(zm_paged_kv_t *kv) {
     pkv_free(kv, kv->seqs, kv->cap_slots * sizeof *kv->seqs, 8);
     pkv_free(kv, kv->pool, kv->pool_bytes, 64);
     pkv_free(kv, kv->meta, kv->meta_bytes, 64);
-    pthread_mutex_destroy(&kv->lock);
-    zm_paged_kv_t copy = *kv; /* the allocator outlives the struct it frees */
+    zm_guard_deinit(&kv->lock);
+    zm_paged_kv_t copy = *kv; /* (its guard is unregistered: the copy is never entered) */ /* the allocator outlives the struct it frees */
     pkv_free(&copy, kv, sizeof *kv, 64);
 }
 
@@ -381,7 +378,7 @@ int zm_paged_kv_add_sequence(zm_paged_kv_t *kv, const int32_t *tokens, size_t n_
     size_t bs = kv->block_size, capacity = kv->num_blocks * bs;
     if (tokens && n_tokens > capacity)
         return zm_pkv_problem(ZM_ERR_OUT_OF_MEMORY, ZM_PKV_TOO_LONG, n_tokens, capacity, 0);
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     size_t n_prompt = tokens ? n_tokens / bs * bs : 0;
     /* at most len - 1 positions cached: the last prompt token's logits must be computed */
     size_t cacheable = tokens && n_tokens ? (n_tokens - 1) / bs : 0, matched = 0;
@@ -399,7 +396,7 @@ int zm_paged_kv_add_sequence(zm_paged_kv_t *kv, const int32_t *tokens, size_t n_
     int status = free_slot(kv, &s);
     if (!status) status = seq_start(kv, s, n_prompt, matched > 4 ? matched : 4);
     if (status) {
-        pthread_mutex_unlock(&kv->lock);
+        zm_guard_leave(&kv->lock);
         return status;
     }
     if (n_prompt) memcpy(s->prompt, tokens, n_prompt * sizeof *tokens);
@@ -423,12 +420,12 @@ int zm_paged_kv_add_sequence(zm_paged_kv_t *kv, const int32_t *tokens, size_t n_
     s->chain_hash = h;
     kv->prefix_hits += matched;
     *out_id = seq_id(kv, s);
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     return ZM_OK;
 }
 
 int zm_paged_kv_fork(zm_paged_kv_t *kv, int64_t id, int64_t *out_id) {
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     zm_pkv_seq_t *parent, *child;
     int status = zm_pkv_lookup(kv, id, &parent);
     if (!status && parent->written)
@@ -440,7 +437,7 @@ int zm_paged_kv_fork(zm_paged_kv_t *kv, int64_t id, int64_t *out_id) {
         status = seq_start(kv, child, parent->n_prompt, parent->cap_blocks);
     }
     if (status) {
-        pthread_mutex_unlock(&kv->lock);
+        zm_guard_leave(&kv->lock);
         return status;
     }
     memcpy(child->prompt, parent->prompt, parent->n_prompt * sizeof(int32_t));
@@ -455,12 +452,12 @@ int zm_paged_kv_fork(zm_paged_kv_t *kv, int64_t id, int64_t *out_id) {
     child->chain_gen = parent->chain_gen;
     child->chain_hash = parent->chain_hash;
     *out_id = seq_id(kv, child);
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     return ZM_OK;
 }
 
 int zm_paged_kv_free_sequence(zm_paged_kv_t *kv, int64_t id) {
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     zm_pkv_seq_t *s;
     int status = zm_pkv_lookup(kv, id, &s);
     if (!status) {
@@ -474,7 +471,7 @@ int zm_paged_kv_free_sequence(zm_paged_kv_t *kv, int64_t id) {
         kv->free_slot = s - kv->seqs;
         kv->live_seqs--;
     }
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     return status;
 }
 
@@ -556,7 +553,7 @@ static void end_step(zm_paged_kv_t *kv, zm_pkv_seq_t *s) {
 
 int zm_paged_kv_append(zm_paged_kv_t *kv, int64_t id, size_t layer, const void *k,
                        const void *v, size_t n_new) {
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     zm_pkv_seq_t *s;
     int status = zm_pkv_lookup(kv, id, &s);
     if (status) goto out;
@@ -590,12 +587,12 @@ int zm_paged_kv_append(zm_paged_kv_t *kv, int64_t id, size_t layer, const void *
     s->layer_done[layer] = 1;
     if (++s->written == kv->n_layers) end_step(kv, s);
 out:
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     return status;
 }
 
 int zm_paged_kv_can_append(zm_paged_kv_t *kv, int64_t id, size_t n_new, int *out) {
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     zm_pkv_seq_t *s;
     int status = zm_pkv_lookup(kv, id, &s);
     if (!status) {
@@ -606,20 +603,20 @@ int zm_paged_kv_can_append(zm_paged_kv_t *kv, int64_t id, size_t n_new, int *out
             *out = n_new <= kv->num_blocks * kv->block_size - s->seq_len &&
                    step_blocks(kv, s, n_new, &cow) <= kv->n_free + kv->n_cached;
     }
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     return status;
 }
 
 /* ---------------------------------------------------------------- inspection */
 
 int zm_paged_kv_seq_info(zm_paged_kv_t *kv, int64_t id, zm_paged_kv_seq_info_t *out) {
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     zm_pkv_seq_t *s;
     int status = zm_pkv_lookup(kv, id, &s);
     if (!status)
         *out = (zm_paged_kv_seq_info_t){s->seq_len, s->cached_tokens, s->n_blocks,
                                          s->written ? s->step_end - s->seq_len : 0, s->written};
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     return status;
 }
 
@@ -632,26 +629,26 @@ static int lookup_layer(zm_paged_kv_t *kv, int64_t id, size_t layer, zm_pkv_seq_
 }
 
 int zm_paged_kv_layer_len(zm_paged_kv_t *kv, int64_t id, size_t layer, size_t *out) {
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     zm_pkv_seq_t *s;
     int status = lookup_layer(kv, id, layer, &s);
     if (!status) *out = zm_pkv_layer_len(s, layer);
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     return status;
 }
 
 int zm_paged_kv_block_table(zm_paged_kv_t *kv, int64_t id, int32_t *out, size_t cap) {
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     zm_pkv_seq_t *s;
     int status = zm_pkv_lookup(kv, id, &s);
     if (!status) memcpy(out, s->table, (cap < s->n_blocks ? cap : s->n_blocks) * sizeof *out);
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     return status;
 }
 
 int zm_paged_kv_gather(zm_paged_kv_t *kv, int64_t id, size_t layer, int which, void *out,
                        size_t n) {
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     zm_pkv_seq_t *s;
     int status = lookup_layer(kv, id, layer, &s);
     if (!status && n > zm_pkv_layer_len(s, layer))
@@ -664,12 +661,12 @@ int zm_paged_kv_gather(zm_paged_kv_t *kv, int64_t id, size_t layer, int which, v
                 memcpy(dst, zm_pkv_block_head(kv, s->table[pos / bs], layer, which != 0, h) +
                                 (pos % bs) * row, row);
     }
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     return status;
 }
 
 void zm_paged_kv_stats(zm_paged_kv_t *kv, zm_paged_kv_stats_t *out) {
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     size_t in_use = 0, tokens = 0;
     for (size_t b = 0; b < kv->num_blocks; b++) {
         if (kv->refcount[b] > 0) {
@@ -684,7 +681,7 @@ void zm_paged_kv_stats(zm_paged_kv_t *kv, zm_paged_kv_stats_t *out) {
         .evictions = kv->evictions, .block_bytes = kv->block_bytes,
         .pool_bytes = kv->pool_bytes, .meta_bytes = kv->meta_bytes,
     };
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
 }
 
 void zm_paged_kv_pool_span(zm_paged_kv_t *kv, uintptr_t *address, size_t *nbytes) {
@@ -694,9 +691,9 @@ void zm_paged_kv_pool_span(zm_paged_kv_t *kv, uintptr_t *address, size_t *nbytes
 
 int32_t zm_paged_kv_refcount(zm_paged_kv_t *kv, int32_t block) {
     if (block < 0 || (size_t)block >= kv->num_blocks) return -1;
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     int32_t n = kv->refcount[block];
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     return n;
 }
 
@@ -742,9 +739,9 @@ static int check_locked(zm_paged_kv_t *kv, int32_t *refs) {
 int zm_paged_kv_check(zm_paged_kv_t *kv) {
     int32_t *refs = pkv_alloc(kv, kv->num_blocks * sizeof *refs, 8);
     if (!refs) return alloc_failure();
-    pthread_mutex_lock(&kv->lock);
+    zm_guard_enter(&kv->lock);
     int status = check_locked(kv, refs);
-    pthread_mutex_unlock(&kv->lock);
+    zm_guard_leave(&kv->lock);
     pkv_free(kv, refs, kv->num_blocks * sizeof *refs, 8);
     return status;
 }

@@ -44,7 +44,7 @@ typedef struct zm_pkv_seq {
 
 struct zm_paged_kv {
     zm_allocator_t allocator;
-    pthread_mutex_t lock;    /* every public call runs under it */
+    zm_guard_t lock;         /* every public call runs under it (exclusive; fork-safe) */
     size_t n_layers, n_kv_heads, head_dim, num_blocks, block_size, itemsize;
     int dtype;               /* ZM_KV_F32 / F16 / BF16 */
     size_t block_bytes, pool_bytes, meta_bytes;

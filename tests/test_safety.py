@@ -794,3 +794,135 @@ def test_allocation_sweep_covers_numpy_blocks():
             arena.deinit()
 
     assert zm.testing.check_all_allocation_failures(uses_numpy) >= 1
+
+
+# ---------------------------------------------------------------- found by the adversarial review
+
+
+def _run_script(script: str, timeout: int = 120):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("child", ["gpa", "fixed", "failing_gpa", "arena", "paged"])
+def test_garbage_cycle_holding_a_wrapper_and_its_child(child):
+    # The collector clears weak references before it runs finalizers: the child must not
+    # take that for "no wrapper any more" and release memory the wrapper still lives in.
+    script = f"""
+import gc, zigmem as zm
+class Holder: pass
+h = Holder(); h.me = h
+kind = {child!r}
+h.g = {{"gpa": lambda: zm.GeneralPurposeAllocator(),
+        "fixed": lambda: zm.FixedBufferAllocator(bytearray(1 << 20)),
+        "failing_gpa": lambda: zm.FailingAllocator(zm.GeneralPurposeAllocator()),
+        "arena": lambda: zm.ArenaAllocator(zm.GeneralPurposeAllocator()),
+        "paged": lambda: zm.GeneralPurposeAllocator()}}[kind]()
+if kind == "paged":
+    h.a = zm.PagedKVCache(h.g, 1, 1, 4, 4)
+    h.a.add_sequence()
+else:
+    h.a = zm.ArenaAllocator(h.g)
+    h.a.alloc(1000)
+del h
+gc.collect()
+print("ok")
+"""
+    out = _run_script(script)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_module_globals_collected_at_exit():
+    script = """
+import numpy as np, zigmem as zm
+G = zm.GeneralPurposeAllocator()
+A = zm.ArenaAllocator(G)
+def work():
+    with A.numpy():
+        x = np.ones(1000)
+work()
+print("ok")
+"""
+    out = _run_script(script)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_retired_kv_slab_is_not_freed_at_exit_under_a_live_view():
+    script = """
+import atexit
+state = {}
+atexit.register(lambda: print("sum", float(state["old"].sum())))  # runs after zigmem's
+import numpy as np, zigmem as zm
+kv = zm.KVCache(zm.page_allocator, n_layers=1, n_kv_heads=1, head_dim=64, max_seq_len=4096,
+                growth="double")
+x = np.ones((1, 1, 64), np.float32)
+kv.append(0, x, x)
+state["old"] = kv.keys(0)
+for _ in range(40):
+    kv.append(0, x, x)
+"""
+    out = _run_script(script)
+    assert out.returncode == 0 and "sum 64.0" in out.stdout, out.stderr
+
+
+def test_signal_handler_calling_a_paged_cache_and_the_report_does_not_hang():
+    kv = zm.PagedKVCache(zm.page_allocator, 1, 2, 64, 64)
+    s = kv.add_sequence()
+    k = np.ones((100, 2, 64), np.float32)
+    kv.append(s, 0, k, k)
+    q = np.ones((100, 4, 64), np.float32)
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(kv.seq_len(s))
+        zm.memory_report()
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.002)
+        for _ in range(300):
+            kv.attention(0, [s], q, q_lens=[100])
+            kv.can_append(s, 1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert calls and set(calls) == {100}
+    kv.deinit()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_another_thread_is_inside_a_paged_cache():
+    import time
+
+    kv = zm.PagedKVCache(zm.page_allocator, 1, 4, 64, 256)
+    s = kv.add_sequence()
+    k = np.random.rand(1000, 4, 64).astype(np.float32)
+    kv.append(s, 0, k, k)
+    q = np.random.rand(1000, 8, 64).astype(np.float32)
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            kv.attention(0, [s], q, q_lens=[1000])
+
+    t = threading.Thread(target=busy, daemon=True)
+    t.start()
+    try:
+        for _ in range(5):
+            time.sleep(0.05)
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if kv.seq_len(s) == 1000 and zm.memory_report() else 1)
+            start = time.monotonic()
+            while not os.waitpid(pid, os.WNOHANG)[0]:
+                if time.monotonic() - start > 20:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    pytest.fail("the forked child hung in the cache's lock")
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        t.join()
+    kv.deinit()

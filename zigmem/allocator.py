@@ -73,8 +73,10 @@ class Allocator(OwnsCState):
     retains_child_memory: bool = False
     _g: CData = None          # the guard (zm_guard_t *), set by __init__
     _gen_seen: int = 0
-    # (is_alive, name) of C code holding memory from it, per instance
-    _c_users: list[tuple[Callable[[], object], str]] = []
+    # (token, name) of C code holding memory from it, per instance
+    _c_users: list[tuple[object, str]] = []
+    _n_parents: int = 0  # open wrappers: counted, not looked up through weakrefs, which the
+                         # garbage collector clears before it runs finalizers
     _site_frames: int = 0   # Python frames recorded per allocation (0: none)
     _live: dict[int, Buffer] | None = None  # id -> Buffer while tracking sites (testing's sweep)
 
@@ -110,20 +112,33 @@ class Allocator(OwnsCState):
         self._c_users = []
         for child in self._children:
             child._parents.append(weakref.ref(self))
+            child._n_parents += 1
 
-    def _add_c_user(self, owner: object, name: str) -> None:
-        """C code that is not an allocator holds memory from this one (a PagedKVCache's pool;
-        the kernels' worker pool, ``owner`` None: for the rest of the process): deinit and
-        reset are refused, naming it, while ``owner`` is alive and has not removed itself."""
-        alive: Callable[[], object] = (lambda: True) if owner is None else weakref.ref(owner)
-        self._c_users.append((alive, name))
+    def _add_c_user(self, token: object, name: str) -> None:
+        """C code that is not an allocator holds memory from this one (a PagedKVCache's pool,
+        the kernels' worker pool): deinit and reset are refused, naming it, until it calls
+        ``_remove_c_user(token)``. Added before the C code takes memory, so no exception can
+        land between the two and leave the memory unaccounted."""
+        self._c_users = [*self._c_users, (token, name)]
 
-    def _remove_c_user(self, owner: object) -> None:
-        self._c_users = [(alive, name) for alive, name in self._c_users
-                         if alive() is not None and alive() is not owner]
+    def _remove_c_user(self, token: object) -> None:
+        """The C user of ``token`` gave its memory back."""
+        if any(t is token for t, _ in self._c_users):
+            self._c_users = [(t, name) for t, name in self._c_users if t is not token]
+            self._user_gone()
+
+    @property
+    def _n_users(self) -> int:
+        return self._n_parents + len(self._c_users)
+
+    def _user_gone(self) -> None:
+        """A wrapper or C user let go; if we were collected meanwhile, release now."""
+        if self._collect_when_unused and self._n_users <= 0:
+            self._collect_when_unused = False
+            _close_quietly(self)
 
     def _c_user_names(self) -> list[str]:
-        return [name for alive, name in self._c_users if alive() is not None]
+        return [name for _, name in self._c_users]
 
     @staticmethod
     def _wrap(child: object, name: str = "child") -> Allocator:
@@ -312,6 +327,8 @@ class Allocator(OwnsCState):
         if self._closed:
             return None
         users = [p._describe() for p in self._open_parents()] + self._c_user_names()
+        if not users and self._n_users > 0:  # being collected, not yet released
+            users = ["an allocator being garbage collected"]
         if users:
             raise MemorySafetyError(
                 f"cannot deinit {self._describe()}: {', '.join(users)} still allocates from "
@@ -395,9 +412,8 @@ class Allocator(OwnsCState):
     def _detach(self) -> None:
         for child in self._children:
             child._parents = [r for r in child._parents if r() is not None and r() is not self]
-            if child._collect_when_unused and not child._open_parents():
-                child._collect_when_unused = False
-                _close_quietly(child)
+            child._n_parents -= 1
+            child._user_gone()
 
     def numpy(self) -> AbstractContextManager[Self]:
         """Serve numpy's own data allocations from this allocator inside a ``with`` block.
@@ -437,7 +453,7 @@ class Allocator(OwnsCState):
         try:
             if self._closed:
                 return
-            if self._open_parents():
+            if self._n_users > 0:  # a wrapper or C user in the same garbage releases us after
                 self._collect_when_unused = True
                 return
             self._close()

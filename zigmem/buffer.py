@@ -121,7 +121,8 @@ class Buffer(OwnsCState):
         if owner is None:
             self._allocator.free(self)
         else:
-            weakref.finalize(owner, _free_if_live, self)
+            # Not at exit: a view may outlive the interpreter's atexit handlers.
+            weakref.finalize(owner, _free_if_live, self).atexit = False
 
     def __array__(self, dtype: npt.DTypeLike | None = None,
                   copy: bool | None = None) -> npt.NDArray[Any]:

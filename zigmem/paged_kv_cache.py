@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._binding import CData, ffi, lib, paged_kv_failure
+from ._concurrency import snapshot
 from .allocator import Allocator
 from .dtypes import resolve
 from .errors import InvalidArgumentError, UseAfterFreeError
@@ -24,7 +26,16 @@ _registry: weakref.WeakSet[PagedKVCache] = weakref.WeakSet()
 
 def live_paged_kv_caches() -> list[PagedKVCache]:
     """Every PagedKVCache not yet deinitialised (for :func:`zigmem.memory_report`)."""
-    return [c for c in list(_registry) if c._kv is not None]
+    return [c for c in snapshot(_registry) if c._kv is not None]
+
+
+def _reset_locks() -> None:
+    """In a forked child: a lock another thread held at the fork stays held for good."""
+    for cache in snapshot(_registry):
+        cache._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reset_locks)
 
 
 @dataclass(frozen=True)
@@ -132,16 +143,21 @@ class PagedKVCache:
                 f"PagedKVCache dtype must be float16, bfloat16 or float32, not {self.dtype.name}")
         self.allocator = allocator
         self._head_shape = (self.n_kv_heads, self.head_dim)
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler may call the cache while this thread is inside it
+        # (the C state is whole between calls); re-made in a forked child (_reset_locks).
+        self._lock = threading.RLock()
         config = ffi.new("zm_paged_kv_config_t *", {
             "n_layers": self.n_layers, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
             "num_blocks": self.num_blocks, "block_size": self.block_size,
             "dtype": _DTYPES[self.dtype.name]})
         out = ffi.new("zm_paged_kv_t **")
+        self._token = object()  # how the allocator knows this cache holds its memory
+        allocator._add_c_user(self._token, f"PagedKVCache ({self.num_blocks} blocks)")
+        self._out = out  # C writes the new pool here: __del__ finds it whatever lands after
         if lib.zm_paged_kv_create(allocator._c[0], config, out):
+            allocator._remove_c_user(self._token)
             raise paged_kv_failure(f"PagedKVCache({self.num_blocks} blocks of {self.block_size})")
         self._kv = out[0]
-        allocator._add_c_user(self, f"PagedKVCache ({self.num_blocks} blocks)")
         _registry.add(self)
 
     # ------------------------------------------------------------ sequences
@@ -377,11 +393,13 @@ class PagedKVCache:
         """Give the pool and every sequence's table back to the allocator. Idempotent; the
         cache is unusable afterwards (``UseAfterFreeError``)."""
         with self._lock:
-            kv, self._kv = self._kv, None
-            if kv is None:
+            kv = self._kv if self._kv is not None else getattr(self, "_out", [ffi.NULL])[0]
+            self._kv = None
+            if kv == ffi.NULL or kv is None:
                 return
+            self._out[0] = ffi.NULL
             lib.zm_paged_kv_destroy(kv)
-            self.allocator._remove_c_user(self)
+            self.allocator._remove_c_user(self._token)
 
     def __enter__(self) -> PagedKVCache:
         return self
@@ -391,7 +409,8 @@ class PagedKVCache:
 
     def __del__(self) -> None:
         try:
-            if self._kv is not None:
+            out = getattr(self, "_out", None)
+            if self._kv is not None or (out is not None and out[0] != ffi.NULL):
                 self.deinit()
         except Exception:  # interpreter shutdown: modules may be half torn down
             pass
