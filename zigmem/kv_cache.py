@@ -15,6 +15,7 @@ from .scope import Scope
 
 _GROWTH = ("preallocate", "double")
 _FIRST_CAPACITY = 16  # positions, for growth="double"
+_MAX_LAYERS = 1 << 16
 
 
 class KVCache(OwnsCState):
@@ -72,6 +73,8 @@ class KVCache(OwnsCState):
         self.n_kv_heads = _positive(n_kv_heads, "n_kv_heads")
         self.head_dim = _positive(head_dim, "head_dim")
         self.max_seq_len = _positive(max_seq_len, "max_seq_len")
+        if self.n_layers > _MAX_LAYERS:  # a slab pair per layer, each a Python object
+            raise InvalidArgumentError(f"n_layers must be at most {_MAX_LAYERS}, got {self.n_layers}")
         self.batch = _positive(batch, "batch")
         self.dtype = resolve(dtype)
         if self.dtype.name not in ("float16", "bfloat16", "float32"):
@@ -338,6 +341,8 @@ def _array(x, name: str) -> np.ndarray:
 
 
 def _positive(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be an integer, not a bool")
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidArgumentError(f"{name} must be a finite integer, got {value!r}")
     try:

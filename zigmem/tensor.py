@@ -207,9 +207,9 @@ def _as_shape(shape) -> tuple:
 
 
 def _too_large(shape: tuple, dtype: np.dtype) -> OutOfMemoryError:
-    total = math.prod(int(d) for d in shape) * dtype.itemsize
-    return OutOfMemoryError(f"Tensor({shape}, {dtype.name}): {total} bytes do not fit in the "
-                            "address space")
+    span = math.prod(int(d) for d in shape if d) * dtype.itemsize
+    return OutOfMemoryError(f"Tensor({shape}, {dtype.name}): its dimensions span {span} bytes, "
+                            "beyond what an array can address")
 
 
 def _check_shape(shape: tuple) -> None:

@@ -119,11 +119,7 @@ class WeightFile(OwnsCState, Mapping):
                 zigmem allocator.
             KeyError: no tensor is named ``name``.
         """
-        from ..allocator import Allocator
 
-        if allocator is not None and not isinstance(allocator, Allocator):
-            raise InvalidArgumentError(f"allocator must be a zigmem allocator or None, not "
-                                       f"{type(allocator).__name__}")
         info = self._info(name)
         ggml = type_id(info.dtype, f"cannot dequantize {name}")
         src = self._live_root()[info.offset: info.offset + info.nbytes]
