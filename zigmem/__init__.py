@@ -31,6 +31,7 @@ from .page_allocator import PageAllocator, page_allocator
 from .report import memory_report
 from .scope import Scope
 from .tensor import Tensor
+from .timeline import Timeline, record_memory
 from .weights import TensorInfo, WeightFile, load_weights, save_safetensors
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "LeakedBlock", "PageAllocator", "page_allocator",
     "memory_report", "testing", "Scope", "Tensor", "KVCache",
     "load_weights", "WeightFile", "TensorInfo", "save_safetensors",
+    "record_memory", "Timeline",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",
     "LeakError", "DanglingViewError", "ArenaEscapeError", "WeightFormatError",

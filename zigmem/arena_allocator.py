@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import _registry
 from ._binding import check_size, ffi, lib
 from .allocator import Allocator
 from .errors import ArenaEscapeError, InvalidArgumentError
@@ -44,6 +45,7 @@ class ArenaAllocator(Allocator):
         self._state = ffi.new("zm_arena_t *")
         lib.zm_arena_init(self._state, child._c[0])
         lib.zm_arena_allocator(self._state, self._c)
+        _registry.register(self)
 
     @property
     def capacity(self) -> int:
@@ -81,6 +83,16 @@ class ArenaAllocator(Allocator):
 
     def _release(self) -> None:
         self._locked(lib.zm_arena_deinit, self._state)
+
+    # memory timeline (zigmem/_registry.py): the capacity it holds
+    def _timeline_name(self) -> str:
+        return f"arena on {_registry.allocator_label(self.child)}"
+
+    def _timeline_parent(self) -> Allocator:
+        return self.child
+
+    def _timeline_sample(self) -> dict | None:
+        return None if self._closed else {"held": self.capacity}
 
     def __repr__(self) -> str:
         return f"ArenaAllocator(child={self.child!r}, capacity={self.capacity})"

@@ -6,6 +6,7 @@ import itertools
 import weakref
 from dataclasses import dataclass
 
+from . import _registry as _timeline_registry
 from ._binding import ffi, lib
 from .allocator import Allocator
 from .errors import InvalidArgumentError
@@ -57,6 +58,7 @@ class CountingAllocator(Allocator):
         lib.zm_counting_allocator(self._state, self._c)
         self._order = next(_creation_order)
         _registry.add(self)
+        _timeline_registry.register(self)
 
     @property
     def stats(self) -> CountingStats:
@@ -74,6 +76,19 @@ class CountingAllocator(Allocator):
 
     def _describe(self) -> str:
         return f"CountingAllocator {self.name!r}"
+
+    # memory timeline (zigmem/_registry.py): current and peak bytes, blocks held
+    def _timeline_name(self) -> str:
+        return self.name
+
+    def _timeline_parent(self) -> Allocator:
+        return self.child
+
+    def _timeline_sample(self) -> dict | None:
+        if self._closed:
+            return None
+        s = self._state
+        return {"held": s.current_bytes, "peak": s.peak_bytes, "blocks": s.current_count}
 
     def __repr__(self) -> str:
         s = self.stats

@@ -7,6 +7,7 @@ import weakref
 
 import numpy as np
 
+from . import _registry
 from .allocator import Allocator
 from .buffer import Buffer
 from .dtypes import resolve
@@ -97,6 +98,7 @@ class KVCache:
                 self._slabs.append(buf)
         self._capacity = capacity
         self._pairs = self._make_views()
+        _registry.register(self)
 
     # ------------------------------------------------------------ geometry and views
 
@@ -309,6 +311,20 @@ class KVCache:
         for buf in self._slabs:
             self.allocator.free(buf)
         self._slabs = []
+
+    # memory timeline (zigmem/_registry.py): bytes held, bytes the positions written use
+    def _timeline_name(self) -> str:
+        return f"KVCache on {_registry.allocator_label(self.allocator)}"
+
+    def _timeline_parent(self) -> Allocator:
+        return self.allocator
+
+    def _timeline_sample(self) -> dict | None:
+        if not self._slabs:
+            return None
+        per_position = 2 * self.n_layers * self._slab_bytes(1)
+        return {"held": self.nbytes, "used": self._seq_len * per_position,
+                "positions": self._seq_len, "capacity": self._capacity}
 
     def __enter__(self) -> KVCache:
         return self

@@ -159,10 +159,12 @@ class Llama:
         self.cache.reset()
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0,
-                 top_k: int | None = None, chat: bool = True, stream=None, seed: int = 0) -> str:
+                 top_k: int | None = None, chat: bool = True, stream=None, seed: int = 0,
+                 on_token=None) -> str:
         """Answer ``prompt``: greedy by default, else sampled with ``temperature`` (and
-        ``top_k``). ``stream(text)`` receives the answer as it grows. Statistics of the run
-        are left in ``self.last_run``."""
+        ``top_k``). ``stream(text)`` receives the answer as it grows; ``on_token(token)`` is
+        called with each token sampled, the first one right after the prompt (a memory
+        timeline marks there). Statistics of the run are left in ``self.last_run``."""
         rng = np.random.default_rng(seed)
         ids = self.tokenizer.encode(self.tokenizer.chat(prompt) if chat else prompt)
         self.reset()
@@ -170,6 +172,8 @@ class Llama:
         logits = self.forward(ids)
         token = _sample(logits[-1], temperature, top_k, rng)
         del logits
+        if on_token:
+            on_token(token)
         prompt_seconds = time.perf_counter() - t0
         answer, printed, stops = [], "", self.tokenizer.stops()
         t1 = time.perf_counter()
@@ -184,6 +188,8 @@ class Llama:
             logits = self.forward([token])
             token = _sample(logits[-1], temperature, top_k, rng)
             del logits
+            if on_token:
+                on_token(token)
         generate_seconds = time.perf_counter() - t1
         text = self.tokenizer.decode(answer)
         if stream and len(text) > len(printed):

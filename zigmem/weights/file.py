@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from .. import _registry
 from .._binding import ffi, lib, raise_failure
 from .._residency import resident_bytes
 from ..errors import InvalidArgumentError, UseAfterFreeError, WeightFormatError
@@ -51,6 +52,7 @@ class WeightFile(Mapping):
         self._infos = {info.name: info for info in infos}
         self._owner, self._root = owner, root
         self.nbytes = root.size
+        _registry.register(self)
 
     # ------------------------------------------------------------ mapping protocol
 
@@ -113,6 +115,16 @@ class WeightFile(Mapping):
         """How much of the file is in memory now (mincore), for memory reports."""
         root = self._live_root()
         return resident_bytes(root.ctypes.data, root.size)
+
+    # memory timeline (zigmem/_registry.py): bytes mapped, and resident now (mincore)
+    def _timeline_name(self) -> str:
+        return f"weights {os.path.basename(self.path)}"
+
+    def _timeline_sample(self) -> dict | None:
+        root = self._root  # a local: a close() in another thread cannot unmap it under us
+        if root is None:
+            return None
+        return {"held": root.size, "resident": resident_bytes(root.ctypes.data, root.size)}
 
     def close(self) -> None:
         """Release the file. Views still alive keep the mapping until they die."""
