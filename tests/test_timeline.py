@@ -423,3 +423,45 @@ def test_the_demo_refuses_a_plot_it_cannot_write(capsys):
     with pytest.raises(SystemExit):
         main(["--memory-plot", "memory.jpg"])
     assert ".png or .svg" in capsys.readouterr().err
+
+
+def test_a_child_forked_while_another_thread_holds_the_locks_can_record():
+    """fork() copies a held lock but not the thread that would release it."""
+    import os
+    import time
+
+    ready, release = threading.Event(), threading.Event()
+
+    def hold():
+        with _registry._lock, timeline._lock:
+            ready.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    ready.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: register, record, mark; exit 0 only if all of it worked
+            code = 1
+            try:
+                counting = zm.CountingAllocator(name="in the child")
+                with zm.record_memory() as tl:
+                    tl.mark("child")
+                code = 0 if "in the child" in tl.samples[1]["subsystems"] else 3
+                counting.deinit()
+            finally:
+                os._exit(code)
+    finally:
+        release.set()
+        holder.join()
+    for _ in range(300):  # a deadlocked child never exits: give up after 30 s
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child deadlocked on a lock held at fork()")
+    assert os.waitstatus_to_exitcode(status) == 0

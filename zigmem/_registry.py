@@ -23,6 +23,7 @@ the GIL), and an object's id cannot be reused before that callback has run.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import threading
 import weakref
@@ -42,6 +43,15 @@ def _forget(entry: _Entry) -> None:  # weakref callback: the object is being des
 
 
 _entries: dict[int, _Entry] = {}  # id(obj) -> its entry
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held the lock at fork(); it does not exist here.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register(obj) -> None:

@@ -36,6 +36,15 @@ _names: dict[int, tuple[str, str]] = {}  # registration order -> (base name, uni
 _FORMAT = "zigmem-timeline/1"
 
 
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held the lock at fork(); it does not exist here.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def record_memory() -> Timeline:
     """A memory recording, for a ``with`` block: ``with zm.record_memory() as timeline:``.
 
