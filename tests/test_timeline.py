@@ -465,3 +465,23 @@ def test_a_child_forked_while_another_thread_holds_the_locks_can_record():
         os.waitpid(pid, 0)
         pytest.fail("the forked child deadlocked on a lock held at fork()")
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_marking_inside_a_numpy_block_allocates_nothing_from_it(tmp_path):
+    """A sample must not disturb what it measures: inside `with allocator.numpy()` every
+    numpy temporary would come from that allocator (residency counting used one)."""
+    path = tmp_path / "w.safetensors"
+    save_file({"a": np.ones(200_000, np.float32)}, str(path))
+    w = zm.load_weights(path)
+    counting = zm.CountingAllocator(name="measured")
+    with zm.record_memory() as tl:
+        with counting.numpy():
+            x = np.ones(1000)
+            before = counting.stats.alloc_count
+            tl.mark("inside")
+            after = counting.stats.alloc_count
+            del x
+    assert before >= 1 and after == before  # the block serves numpy; the mark took nothing
+    assert tl.samples[1]["subsystems"]["weights w.safetensors"]["resident"] > 0
+    counting.deinit()
+    w.close()
