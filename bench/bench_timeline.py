@@ -7,7 +7,9 @@
   (residency by mincore), three CountingAllocators, two arenas, a KV cache — against one
   generated token; a mark outside any recording against an empty function call.
 * The demo's tokens/s with a recording marking every token, against no recording,
-  interleaved in the same process. Skipped when the model package is not installed.
+  interleaved in the same process; and, within recorded runs that mark every other token,
+  the tokens right after a mark against the others (the same seconds of a shared machine on
+  both sides). Skipped when the model package is not installed.
 
 Medians over batches; ratios against the baseline measured right beside them.
 """
@@ -45,7 +47,19 @@ def registration_rows() -> list:
     def kv_cache():
         zm.KVCache(zm.page_allocator, 1, 1, 8, 16).deinit()
 
-    rows = []
+    class Plain:  # what a registry entry's lifetime is measured on
+        pass
+
+    def plain():
+        Plain()
+
+    def registered():
+        _registry.register(Plain())  # and forgotten when it dies, right away
+
+    base = per_op(plain, 20000)
+    rows = [("object() + del (base)", base, base, "us"),
+            ("object() + register + del (the registry's own cost)", per_op(registered, 20000),
+             base, "us")]
     register = _registry.register
     for name, fn, number in (("CountingAllocator() + deinit", counting, 2000),
                              ("ArenaAllocator() + deinit", arena, 2000),
@@ -86,17 +100,41 @@ def mark_rows(token_seconds: float | None) -> list:
 
 
 def demo_rows(model) -> tuple[list, float]:
+    """Whole runs with and without a recording (interleaved, the order swapped every round),
+    and, within recorded runs, the tokens that follow a mark against those that do not: the
+    second comparison sees the same seconds of a noisy machine on both sides."""
     prompt = "Write a short story about a robot who learns to paint."
     rates = {"off": [], "on": []}
-    for _ in range(5):  # interleaved, so both see the same machine
-        model.generate(prompt, max_tokens=32)
-        rates["off"].append(model.last_run["generated_tokens_per_second"])
+    after_mark, no_mark = [], []
+    for round_ in range(4):
+        for mode in (("off", "on") if round_ % 2 == 0 else ("on", "off")):
+            if mode == "off":
+                model.generate(prompt, max_tokens=24)
+            else:
+                with zm.record_memory() as tl:
+                    model.generate(prompt, max_tokens=24, on_token=lambda token: tl.mark("token"))
+            rates[mode].append(model.last_run["generated_tokens_per_second"])
+        previous = []  # (when the last callback started, whether it marked)
+
+        def every_other(token, tl):
+            now = time.perf_counter()
+            if previous:  # the interval holds the previous callback's mark, if any, and a token
+                when, marked = previous.pop()
+                (after_mark if marked else no_mark).append(now - when)
+            marked = (len(after_mark) + len(no_mark)) % 2 == 0  # every other token
+            if marked:
+                tl.mark("token")
+            previous.append((now, marked))
+
         with zm.record_memory() as tl:
-            model.generate(prompt, max_tokens=32, on_token=lambda token: tl.mark("token"))
-        rates["on"].append(model.last_run["generated_tokens_per_second"])
+            model.generate(prompt, max_tokens=24, on_token=lambda token: every_other(token, tl))
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    base = statistics.median(no_mark)
     rows = [("demo generated tokens/s, no recording (base)", off, off, "tokens/s"),
-            ("demo generated tokens/s, recording, a mark per token", on, off, "tokens/s")]
+            ("demo generated tokens/s, recording, a mark per token", on, off, "tokens/s"),
+            ("same recorded runs: token after no mark (base)", 1 / base, 1 / base, "tokens/s"),
+            ("same recorded runs: token right after a mark", 1 / statistics.median(after_mark),
+             1 / base, "tokens/s")]
     return rows, 1 / off
 
 

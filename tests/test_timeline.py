@@ -280,6 +280,21 @@ def test_json_round_trips(tmp_path):
         assert _png_size(tmp_path / "again.png") == (400, 300)
 
 
+def test_plot_draws_edge_cases(tmp_path):
+    """One sample, nothing sampled, many subsystems, long labels: a picture each time."""
+    pytest.importorskip("matplotlib")
+    one = {"time": 0.0, "label": "only", "subsystems": {}}
+    many = {"time": 1.0, "label": "x" * 500, "subsystems": {
+        f"subsystem {i} " + "y" * 80: {"kind": "K", "within": None, "held": i << 20, "peak": i << 21}
+        for i in range(14)}}
+    many["subsystems"]["nested"] = {"kind": "K", "within": "subsystem 3 " + "y" * 80, "held": 1 << 20}
+    for i, samples in enumerate([[one], [one, many, one], [many] * 300]):
+        path = tmp_path / f"edge{i}.json"
+        path.write_text(json.dumps({"format": "zigmem-timeline/1", "samples": samples}))
+        zm.Timeline.from_json(path).plot(tmp_path / f"edge{i}.png", width=800, height=400)
+        assert _png_size(tmp_path / f"edge{i}.png") == (800, 400)
+
+
 def _has_matplotlib():
     try:
         import matplotlib  # noqa: F401

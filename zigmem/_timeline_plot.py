@@ -24,6 +24,8 @@ _DPI = 100
 _LINES = {"used": "-", "peak": "--", "resident": ":", "cached": "-."}
 _WITHIN_STYLE = (0, (5, 1, 1, 1, 1, 1))  # held by a subsystem drawn inside another's band
 _UNITS = ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"), (1, "B"))
+_DETAIL_ROW_PX = 110  # the least height a row of small panels stays readable in
+_MAX_LABEL = 24   # characters of a mark's label on the x axis
 
 
 def draw(samples: list[dict], path: str, width: int, height: int) -> None:
@@ -47,27 +49,33 @@ def draw(samples: list[dict], path: str, width: int, height: int) -> None:
     except ImportError:
         raise ImportError("Timeline.plot needs matplotlib: pip install 'zigmem[plot]'") from None
 
-    times = list(range(len(samples)))  # x: the marks in order
+    xs = list(range(len(samples)))  # the marks in order, one step each
     series = _series(samples)
     roots = [name for name, info in series.items() if info["root"] == name]
+    # Panels for the largest subsystems, in as many rows of 4 as fit in 40% of the height.
+    fit = 4 * max(1, min(2, int(0.4 * height) // _DETAIL_ROW_PX))
+    largest = sorted(roots, key=lambda r: -_largest(series[r]))[:fit]
+    detailed = [r for r in roots if r in largest]
     # Pixel-exact size: Agg truncates width * dpi, so nudge the inches up by a hair.
     fig = Figure(figsize=((width + 0.01) / _DPI, (height + 0.01) / _DPI), dpi=_DPI,
                  layout="constrained")
     FigureCanvasAgg(fig)
-    columns = max(1, min(len(roots), 4))
-    rows = math.ceil(len(roots) / columns) if roots else 0
+    columns = max(1, min(len(detailed), 4))
+    rows = math.ceil(len(detailed) / columns)
     # Two sub-figures, so the overview's legend takes width from the overview only.
     overview, details = fig.subfigures(2, 1, height_ratios=[3, 1.5 * max(rows, 1)])
     top = overview.add_subplot()
     colors = {name: f"C{i % 10}" for i, name in enumerate(roots)}
-    _draw_stack(top, times, series, roots, colors)
-    _mark_axis(top, samples, times, width)
+    legend_rows = max(3, int(height * 3 / (3 + 1.5 * max(rows, 1)) * 0.8) // 11)  # 11 px each
+    _draw_stack(top, xs, series, roots, colors, legend_rows)
+    _mark_axis(top, samples, xs, width)
     top.set_title("memory held, per subsystem (stacked: each byte counted once)", fontsize=10)
-    for i, root in enumerate(roots):
-        ax = details.add_subplot(max(rows, 1), columns, i + 1)
-        _draw_detail(ax, times, series, root, colors[root])
-        ax.set_xlim(times[0], times[-1])
-        ax.set_xticks(times, minor=True)
+    for i, root in enumerate(detailed):
+        ax = details.add_subplot(rows, columns, i + 1)
+        _draw_detail(ax, xs, series, root, colors[root], title_chars=int(width / columns / 7))
+        if len(xs) > 1:
+            ax.set_xlim(xs[0], xs[-1])
+        ax.set_xticks(xs, minor=True)
         ax.tick_params(axis="x", labelbottom=False, bottom=False)
     fig.savefig(path, format=suffix[1:], dpi=_DPI)
 
@@ -107,18 +115,20 @@ def _values(values: list, scale: float, base: list[float] | None = None) -> list
     return out
 
 
-def _draw_stack(ax, times, series, roots, colors) -> None:
-    held_total = [sum(series[r]["figures"].get("held", [0] * len(times))[i] or 0 for r in roots)
-                  for i in range(len(times))]
+def _draw_stack(ax, xs, series, roots, colors, legend_rows: int) -> None:
+    from matplotlib.patches import Patch
+
+    held_total = [sum(series[r]["figures"].get("held", [0] * len(xs))[i] or 0 for r in roots)
+                  for i in range(len(xs))]
     scale, unit = _unit(max(held_total + [_largest(info) for info in series.values()]))
-    base = [0.0] * len(times)
+    base = [0.0] * len(xs)
     for root in roots:
-        held = [(v or 0) / scale for v in series[root]["figures"].get("held", [0] * len(times))]
+        held = [(v or 0) / scale for v in series[root]["figures"].get("held", [0] * len(xs))]
         top = [b + h for b, h in zip(base, held)]
-        ax.fill_between(times, base, top, step=None, color=colors[root], alpha=0.45,
+        ax.fill_between(xs, base, top, step=None, color=colors[root], alpha=0.45,
                         linewidth=0, label=root)
         for name, figure, values, style in _lines(series, root):
-            ax.plot(times, _values(values, scale, base), linestyle=style, color=colors[root],
+            ax.plot(xs, _values(values, scale, base), linestyle=style, color=colors[root],
                     linewidth=1.6 if name == root else 0.9,
                     label=name if figure == "held" else f"{name}: {figure}")
         base = top
@@ -127,22 +137,28 @@ def _draw_stack(ax, times, series, roots, colors) -> None:
     ax.margins(x=0)
     ax.grid(axis="y", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
+    if len(handles) > legend_rows:  # too many to list: the areas only, as many as fit
+        pairs = [(h, l) for h, l in zip(handles, labels) if l in roots]
+        handles, labels = [h for h, _ in pairs], [l for _, l in pairs]
+        if len(handles) > legend_rows:
+            more = len(handles) - legend_rows + 1
+            handles = handles[:legend_rows - 1] + [Patch(alpha=0)]
+            labels = labels[:legend_rows - 1] + [f"and {more} more"]
     if handles:  # beside the stack, never over it
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7,
-                  frameon=False)
+        ax.legend(handles, [_short(label, 40) for label in labels], loc="upper left",
+                  bbox_to_anchor=(1.005, 1.0), fontsize=7, frameon=False)
 
 
-def _draw_detail(ax, times, series, root, color) -> None:
+def _draw_detail(ax, xs, series, root, color, title_chars: int) -> None:
     scale, unit = _unit(max(_largest(info) for info in series.values() if info["root"] == root))
     held = series[root]["figures"].get("held")
     if held is not None:
-        ax.fill_between(times, 0, [(v or 0) / scale for v in held], color=color, alpha=0.45,
+        ax.fill_between(xs, 0, [(v or 0) / scale for v in held], color=color, alpha=0.45,
                         linewidth=0)
     for name, _, values, style in _lines(series, root):
-        ax.plot(times, _values(values, scale), linestyle=style, color=color,
+        ax.plot(xs, _values(values, scale), linestyle=style, color=color,
                 linewidth=1.2 if name == root else 0.8)
-    title = root if len(root) <= 34 else root[:33] + "\N{HORIZONTAL ELLIPSIS}"
-    ax.set_title(title, fontsize=8)
+    ax.set_title(_short(root, title_chars), fontsize=8)
     ax.set_ylabel(unit, fontsize=7)
     ax.set_ylim(bottom=0)
     ax.margins(x=0)
@@ -176,7 +192,11 @@ def _mark_axis(ax, samples, xs, width) -> None:
     """The marks as x ticks, their labels thinned to about one per 45 pixels."""
     fits = max(2, int(0.7 * width) // 45)  # the legend takes some of the width
     step = max(1, math.ceil(len(samples) / fits))
-    ax.set_xticks(xs[::step], [s["label"] for s in samples[::step]], rotation=40, ha="right",
-                  fontsize=7)
+    labels = [_short(s["label"]) for s in samples[::step]]
+    ax.set_xticks(xs[::step], labels, rotation=40, ha="right", fontsize=7)
     ax.set_xticks(xs, minor=True)
     ax.set_xlabel("marks, in the order they were made", fontsize=8)
+
+
+def _short(text: str, limit: int = _MAX_LABEL) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "\N{HORIZONTAL ELLIPSIS}"
