@@ -44,6 +44,7 @@ bench: install
 	$(PY) bench/bench_python.py
 	$(PY) bench/bench_kv_cache.py
 	$(PY) bench/bench_weights.py
+	$(PY) bench/bench_quant.py
 	$(PY) bench/bench_demo.py
 	$(PY) bench/bench_timeline.py
 

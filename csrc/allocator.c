@@ -1,5 +1,5 @@
-/* allocator.c — what every allocator shares: the per-thread failure report, realloc, and the
- * entry points the Python layer calls. */
+/* allocator.c — what every allocator shares: the per-thread failure report and call site,
+ * realloc, and the spin lock's slow path. */
 #include <sched.h>
 #include <string.h>
 
@@ -33,7 +33,14 @@ void *zm_realloc(zm_allocator_t a, void *ptr, size_t len, size_t align, size_t n
     return fresh;
 }
 
-/* ---------------------------------------------------------------- Python entry points */
+/* ---------------------------------------------------------------- call sites */
+
+static _Thread_local uint64_t zm_site;
+
+void zm_set_thread_site(uint64_t site) { zm_site = site; }
+uint64_t zm_thread_site(void) { return zm_site; }
+
+/* ---------------------------------------------------------------- spin locks */
 
 ZM_NOINLINE void zm_spin_wait(int *lock) {
     for (unsigned n = 0;; n++) {
@@ -41,51 +48,4 @@ ZM_NOINLINE void zm_spin_wait(int *lock) {
             return;
         if (n > 100) sched_yield();
     }
-}
-
-/* A spin lock, not a mutex: what it guards is a few nanoseconds of C, taken twice for
- * every numpy buffer served by a bridge. */
-static int zm_py_locked;
-
-void zm_py_lock(void) { zm_spin_lock(&zm_py_locked); }
-void zm_py_unlock(void) { zm_spin_unlock(&zm_py_locked); }
-
-#define ZM_SERIALIZED(serialize, stmt)            \
-    do {                                          \
-        zm_report.code = ZM_OK;                   \
-        if (serialize) zm_py_lock();              \
-        stmt;                                     \
-        if (serialize) zm_py_unlock();            \
-    } while (0)
-
-uintptr_t zm_py_alloc(const zm_allocator_t *a, size_t len, size_t align, int serialize) {
-    void *p;
-    ZM_SERIALIZED(serialize, p = zm_alloc(*a, len, align));
-    return (uintptr_t)p;
-}
-
-int zm_py_resize(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                 size_t new_len, int serialize) {
-    bool ok;
-    ZM_SERIALIZED(serialize, ok = zm_resize(*a, (void *)ptr, len, align, new_len));
-    return ok;
-}
-
-uintptr_t zm_py_remap(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                      size_t new_len, int serialize) {
-    void *p;
-    ZM_SERIALIZED(serialize, p = zm_remap(*a, (void *)ptr, len, align, new_len));
-    return (uintptr_t)p;
-}
-
-uintptr_t zm_py_realloc(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                        size_t new_len, int serialize) {
-    void *p;
-    ZM_SERIALIZED(serialize, p = zm_realloc(*a, (void *)ptr, len, align, new_len));
-    return (uintptr_t)p;
-}
-
-void zm_py_free(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                int serialize) {
-    ZM_SERIALIZED(serialize, zm_free(*a, (void *)ptr, len, align));
 }

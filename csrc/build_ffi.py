@@ -22,7 +22,7 @@ STATUS = [
     "ZM_OK", "ZM_ERR_OUT_OF_MEMORY", "ZM_ERR_TOO_LARGE", "ZM_ERR_ALIGNMENT", "ZM_ERR_MLOCK",
     "ZM_ERR_LIMIT", "ZM_ERR_INDUCED", "ZM_ERR_INVALID_FREE", "ZM_ERR_DOUBLE_FREE",
     "ZM_ERR_OVERFLOW", "ZM_ERR_UNDERFLOW", "ZM_ERR_USE_AFTER_FREE", "ZM_ERR_LEAK",
-    "ZM_ERR_INVALID_ARG",
+    "ZM_ERR_INVALID_ARG", "ZM_ERR_CLOSED", "ZM_ERR_STALE", "ZM_ERR_LIVE", "ZM_ERR_RETRY",
 ]
 CDEF += "".join(f"#define {name} ...\n" for name in STATUS)
 
@@ -36,7 +36,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "zigmem._zigmem",
-    '#include "zigmem.h"\n#include "numpy_bridge.h"',
+    '#include "zigmem.h"\n#include "entry.h"\n#include "numpy_bridge.h"',
     # The C core, and the glue that needs Python.h and numpy's headers (python/).
     sources=sorted(_relative(p) for p in [*HERE.glob("*.c"), *HERE.glob("python/*.c")]),
     include_dirs=[_relative(HERE / "include"), _relative(HERE), _relative(HERE / "python"),

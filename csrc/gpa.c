@@ -178,9 +178,7 @@ struct zm_gpa {
     bool has_pending;
 };
 
-static _Thread_local uint64_t thread_site;
 
-void zm_gpa_set_thread_site(uint64_t site) { thread_site = site; }
 
 /* ---------------------------------------------------------------- locking */
 
@@ -190,17 +188,6 @@ static inline void gpa_lock(zm_gpa_t *g) {
 
 static inline void gpa_unlock(zm_gpa_t *g) {
     if (g->cfg.thread_safe) zm_spin_unlock(&g->lock);
-}
-
-/* Python calls into an allocator that is not thread-safe still must not race: they take
- * the process-wide Python lock instead (see allocator.c). */
-static inline void py_enter(zm_gpa_t *g) {
-    zm_last_report()->code = ZM_OK;
-    if (!g->cfg.thread_safe) zm_py_lock();
-}
-
-static inline void py_leave(zm_gpa_t *g) {
-    if (!g->cfg.thread_safe) zm_py_unlock();
 }
 
 /* ---------------------------------------------------------------- metadata arrays */
@@ -622,7 +609,7 @@ static int resize_locked(zm_gpa_t *g, void *ptr, size_t len, size_t align, size_
 static void *gpa_alloc(void *ctx, size_t len, size_t align) {
     zm_gpa_t *g = ctx;
     gpa_lock(g);
-    void *p = alloc_locked(g, len, align, thread_site);
+    void *p = alloc_locked(g, len, align, zm_thread_site());
     gpa_unlock(g);
     return p;
 }
@@ -646,7 +633,7 @@ static void gpa_free(void *ctx, void *ptr, size_t len, size_t align) {
     zm_gpa_t *g = ctx;
     zm_report_t r;
     gpa_lock(g);
-    if (free_locked(g, ptr, len, align, thread_site, &r) != ZM_OK) pend(g, &r);
+    if (free_locked(g, ptr, len, align, zm_thread_site(), &r) != ZM_OK) pend(g, &r);
     gpa_unlock(g);
 }
 
@@ -705,17 +692,14 @@ static int check_locked(zm_gpa_t *g, zm_report_t *r) {
 
 int zm_gpa_check(zm_gpa_t *g) {
     zm_report_t *r = zm_last_report();
-    py_enter(g);
     gpa_lock(g);
     int status = check_locked(g, r);
     gpa_unlock(g);
-    py_leave(g);
     return status;
 }
 
 size_t zm_gpa_leaks(zm_gpa_t *g, zm_report_t *out, size_t max) {
     size_t n = 0;
-    py_enter(g);
     gpa_lock(g);
     for (size_t i = 0; i < g->table_cap; i++) {
         const gpa_block_t *b = &g->table[i];
@@ -724,13 +708,12 @@ size_t zm_gpa_leaks(zm_gpa_t *g, zm_report_t *out, size_t max) {
         n++;
     }
     gpa_unlock(g);
-    py_leave(g);
     return n;
 }
 
 int zm_gpa_destroy(zm_gpa_t *g) {
     zm_report_t *r = zm_last_report();
-    py_enter(g);
+    r->code = ZM_OK;
     int status = check_locked(g, r);
     /* Large blocks have pages of their own; small ones live in the slabs freed below. */
     for (size_t i = 0; i < g->table_cap; i++) {
@@ -744,96 +727,55 @@ int zm_gpa_destroy(zm_gpa_t *g) {
     if (g->regions) zm_child_free(g->page, g->regions, g->regions_cap * sizeof *g->regions, 4096);
     if (g->keys) zm_child_free(g->page, g->keys, table_bytes(g->table_cap), 4096);
     if (g->ring) zm_child_free(g->page, g->ring, g->ring_cap * sizeof *g->ring, 4096);
-    bool thread_safe = g->cfg.thread_safe;
     zm_allocator_t page = g->page;
     zm_page_t page_state = g->page_state;
     page.ctx = &page_state;
     zm_free(page, g, sizeof *g, 64);
-    if (!thread_safe) zm_py_unlock();
     return status;
 }
 
-/* ---------------------------------------------------------------- checked entry points */
+/* ---------------------------------------------------------------- guard hooks
+ *
+ * A guard (guard.c) calls these around the operations it checks, so errors found where the
+ * vtable cannot return them are reported by the call that found them, or the next one. */
 
-/* A pending error from an earlier vtable call is reported before anything else happens. */
-static inline bool take_pending(zm_gpa_t *g) {
-    if (ZM_LIKELY(!g->has_pending)) return false;
-    *zm_last_report() = g->pending;
-    g->has_pending = false;
-    return true;
-}
-
-uintptr_t zm_gpa_py_alloc(zm_gpa_t *g, size_t len, size_t align, uint64_t site) {
-    void *p = NULL;
-    py_enter(g);
-    if (!zm_is_pow2(align)) {
-        zm_fail(ZM_ERR_ALIGNMENT, align, 0, 0);
-    } else if (len == 0) {
-        p = (void *)(uintptr_t)align;
-    } else {
-        gpa_lock(g);
-        if (!take_pending(g)) p = alloc_locked(g, len, align, site);
-        gpa_unlock(g);
-    }
-    py_leave(g);
-    return (uintptr_t)p;
-}
-
-int zm_gpa_py_free(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, uint64_t site) {
+int zm_gpa_take_error(void *ctx, zm_report_t *r) {
+    zm_gpa_t *g = ctx;
+    if (ZM_LIKELY(!__atomic_load_n(&g->has_pending, __ATOMIC_RELAXED))) return ZM_OK;
+    gpa_lock(g);
     int status = ZM_OK;
-    if (len == 0) return ZM_OK;
-    py_enter(g);
-    gpa_lock(g);
-    status = free_locked(g, (void *)ptr, len, align, site, zm_last_report());
-    if (status == ZM_OK && take_pending(g)) status = zm_last_report()->code;
+    if (g->has_pending) {
+        *r = g->pending;
+        g->has_pending = false;
+        status = r->code;
+    }
     gpa_unlock(g);
-    py_leave(g);
     return status;
 }
 
-int zm_gpa_py_resize(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, size_t new_len) {
-    if (len == 0 || new_len == 0) return len == new_len;
-    py_enter(g);
+/* Validate a block before it is moved, so that a problem is reported with nothing changed and
+ * the free at the end of the move cannot fail half-way. A block that is not live (freed, or
+ * never allocated) is a use after free here, not a double free. */
+int zm_gpa_check_block(void *ctx, uintptr_t ptr, size_t len, size_t align, zm_report_t *r) {
+    zm_gpa_t *g = ctx;
+    if (len == 0 || !g->cfg.safety) return ZM_OK;
     gpa_lock(g);
-    int ok = take_pending(g) ? -1 : resize_locked(g, (void *)ptr, len, align, new_len,
-                                                  zm_last_report());
+    int status = ZM_OK;
+    gpa_block_t *b = find_for_free(g, ptr, len, align, r);
+    if (!b) {
+        if (r->code == ZM_ERR_DOUBLE_FREE) r->code = ZM_ERR_USE_AFTER_FREE;
+        status = r->code;
+    } else {
+        status = verify_block(g, b, r);
+    }
     gpa_unlock(g);
-    py_leave(g);
-    return ok;
+    return status;
 }
 
-uintptr_t zm_gpa_py_realloc(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align,
-                            size_t new_len, uint64_t site) {
-    zm_report_t *r = zm_last_report();
-    void *p = NULL;
-    py_enter(g);
-    gpa_lock(g);
-    if (take_pending(g)) goto out;
-    /* Validate the old block first: a problem is reported with nothing changed, and the
-     * free at the end cannot fail half-way. */
-    if (len != 0 && g->cfg.safety) {
-        gpa_block_t *b = find_for_free(g, ptr, len, align, r);
-        if (!b) {
-            if (r->code == ZM_ERR_DOUBLE_FREE) r->code = ZM_ERR_USE_AFTER_FREE;
-            goto out;
-        }
-        if (verify_block(g, b, r) != ZM_OK) goto out;
-    }
-    if (new_len == 0 || len == 0) {
-        if (len) free_locked(g, (void *)ptr, len, align, site, r);
-        p = new_len ? alloc_locked(g, new_len, align, site) : (void *)(uintptr_t)align;
-        goto out;
-    }
-    if (resize_locked(g, (void *)ptr, len, align, new_len, r) > 0) {
-        p = (void *)ptr;
-        goto out;
-    }
-    p = alloc_locked(g, new_len, align, site);
-    if (!p) goto out;
-    memcpy(p, (void *)ptr, len < new_len ? len : new_len);
-    free_locked(g, (void *)ptr, len, align, site, r); /* validated: cannot fail */
-out:
-    gpa_unlock(g);
-    py_leave(g);
-    return (uintptr_t)p;
+void zm_gpa_guard_init(zm_guard_t *guard, zm_gpa_t *g) {
+    zm_allocator_t a;
+    zm_gpa_allocator(g, &a);
+    zm_guard_init(guard, a, g->cfg.thread_safe);
+    guard->take_error = zm_gpa_take_error;
+    guard->check_block = zm_gpa_check_block;
 }

@@ -46,4 +46,41 @@ static inline void zm_child_free(zm_allocator_t c, void *p, size_t len, size_t a
     c.vtable->free(c.ctx, p, len, align);
 }
 
+/* ---------------------------------------------------------------- dequant.c */
+
+/* IEEE half to float, exactly (subnormals, infinities and NaNs included). */
+static inline float zm_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalise */
+        int e = -1;
+        do {
+            e++;
+            man <<= 1;
+        } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Dequantize `blocks` whole blocks (elements, for F32/F16/BF16) of one type. */
+typedef void (*zm_dequant_fn)(const uint8_t *src, size_t blocks, float *dst);
+/* NULL for types without a kernel. */
+zm_dequant_fn zm_dequant_kernel(uint32_t type);
+extern const int8_t zm_iq4nl_values[16];
+/* The same, with AVX-512 where dequant_avx512.c has the type (callers check the CPU). */
+zm_dequant_fn zm_dequant_kernel_avx512(uint32_t type);
+/* Dot nw <= 4 rows of whole blocks with one row of x, adding to 16-lane accumulators laid
+ * out as quant_matmul.c's (row r's at acc + 64 r); NULL: no fused kernel for the type. */
+typedef void (*zm_fused_fn)(const uint8_t *const *w, unsigned nw, size_t blocks,
+                            const float *x, float *acc);
+zm_fused_fn zm_fused_kernel_avx512(uint32_t type);
+
 #endif

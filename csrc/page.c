@@ -58,6 +58,7 @@ static void *page_alloc(void *ctx, size_t len, size_t align) {
         munmap((void *)start, mapped_len);
         return NULL;
     }
+    zm_trace_event(start, mapped_len);
     return (void *)start;
 }
 
@@ -74,11 +75,10 @@ static bool page_resize(void *ctx, void *ptr, size_t len, size_t align, size_t n
     size_t old_mapped, new_mapped;
     if (!page_lengths(len, new_len, &old_mapped, &new_mapped)) return false;
     if (new_mapped == old_mapped) return true;
-    if (new_mapped < old_mapped) {
-        munmap((char *)ptr + new_mapped, old_mapped - new_mapped);
-        return true;
-    }
-    return mremap(ptr, old_mapped, new_mapped, 0) != MAP_FAILED;
+    if (new_mapped < old_mapped) munmap((char *)ptr + new_mapped, old_mapped - new_mapped);
+    else if (mremap(ptr, old_mapped, new_mapped, 0) == MAP_FAILED) return false;
+    zm_trace_event((uintptr_t)ptr, new_mapped); /* the trace of ptr now has the new size */
+    return true;
 }
 
 static void *page_remap(void *ctx, void *ptr, size_t len, size_t align, size_t new_len) {
@@ -88,7 +88,10 @@ static void *page_remap(void *ctx, void *ptr, size_t len, size_t align, size_t n
     size_t old_mapped, new_mapped;
     if (!page_lengths(len, new_len, &old_mapped, &new_mapped)) return NULL;
     void *p = mremap(ptr, old_mapped, new_mapped, MREMAP_MAYMOVE);
-    return p == MAP_FAILED ? NULL : p;
+    if (p == MAP_FAILED) return NULL;
+    zm_trace_event((uintptr_t)ptr, 0);
+    zm_trace_event((uintptr_t)p, new_mapped);
+    return p;
 }
 
 static void page_free(void *ctx, void *ptr, size_t len, size_t align) {
@@ -96,6 +99,7 @@ static void page_free(void *ctx, void *ptr, size_t len, size_t align) {
     (void)align;
     size_t mapped;
     if (zm_align_up(len, zm_page_size(), &mapped)) munmap(ptr, mapped);
+    zm_trace_event((uintptr_t)ptr, 0);
 }
 
 static const zm_vtable_t page_vtable = {page_alloc, page_resize, page_remap, page_free};

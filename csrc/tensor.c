@@ -50,19 +50,3 @@ void zm_tensor_deinit(zm_tensor_t *t, zm_allocator_t a) {
     zm_free(a, (void *)t->data, t->nbytes, 64);
     memset(t, 0, sizeof *t);
 }
-
-int zm_py_tensor_init(zm_tensor_t *t, const zm_allocator_t *a, const int64_t *shape,
-                      size_t ndim, size_t itemsize, int serialize) {
-    int status;
-    zm_last_report()->code = ZM_OK;
-    if (serialize) zm_py_lock();
-    status = zm_tensor_init(t, *a, shape, ndim, itemsize);
-    if (serialize) zm_py_unlock();
-    return status;
-}
-
-void zm_py_tensor_deinit(zm_tensor_t *t, const zm_allocator_t *a, int serialize) {
-    if (serialize) zm_py_lock();
-    zm_tensor_deinit(t, *a);
-    if (serialize) zm_py_unlock();
-}

@@ -87,9 +87,9 @@ def test_double_free_after_the_address_could_be_reused(gpa):
 def test_double_free_in_c_is_reported_with_sites(gpa):
     # A C caller (no Buffer bookkeeping) frees the same pointer twice.
     buf = gpa.alloc(200, alignment=16)
-    gpa_ptr = gpa._g
-    assert lib.zm_gpa_py_free(gpa_ptr, buf.address, 200, 16, 0) == 0
-    assert lib.zm_gpa_py_free(gpa_ptr, buf.address, 200, 16, 0) == lib.ZM_ERR_DOUBLE_FREE
+    g = gpa._g
+    assert lib.zm_guard_free(g, g.generation, buf.address, 200, 16, 0) == 0
+    assert lib.zm_guard_free(g, g.generation, buf.address, 200, 16, 0) == lib.ZM_ERR_DOUBLE_FREE
     with pytest.raises(zm.DoubleFreeError, match=rf"allocated at .*{HERE}"):
         zm._binding.raise_failure("C free")
 
@@ -133,7 +133,7 @@ def test_invalid_frees(gpa, case, pattern):
         "alignment": (buf.address, 1000, 32),
         "unknown": (other.address, 64, 16),
     }[case]
-    assert lib.zm_gpa_py_free(gpa._g, *args, 0) == lib.ZM_ERR_INVALID_FREE
+    assert lib.zm_guard_free(gpa._g, gpa._g.generation, *args, 0) == lib.ZM_ERR_INVALID_FREE
     with pytest.raises(zm.InvalidFreeError, match=pattern):
         zm._binding.raise_failure("C free")
     gpa.free(buf)  # the allocator is unharmed

@@ -99,7 +99,8 @@ def test_doubling_on_a_fixed_buffer_copies_and_counts_it():
 
 
 def test_views_taken_before_growth_stay_valid():
-    cache = zm.KVCache(zm.page_allocator, 1, 1, 4, max_seq_len=1024, dtype="float32",
+    counting = zm.CountingAllocator(zm.page_allocator, name="kv")
+    cache = zm.KVCache(counting, 1, 1, 4, max_seq_len=1024, dtype="float32",
                        growth="double")
     k = np.arange(4, dtype=np.float32).reshape(1, 1, 4)
     for _ in range(16):
@@ -109,8 +110,9 @@ def test_views_taken_before_growth_stay_valid():
     assert cache.capacity == 32 and cache.bytes_copied == 16 * 16
     assert old.shape == (16, 1, 4) and old[15, 0, 3] == 3  # still the old memory, intact
     assert cache.keys(0)[16, 0, 0] == 100
+    assert counting.stats.current_count == 3  # K (new), V (remapped) and the old K slab
     del old  # the old slab is freed with its last view
-    assert not cache._retired
+    assert counting.stats.current_count == 2
     cache.deinit()
 
 

@@ -5,6 +5,7 @@ activations for one token. See README.md for the tour and its Design section for
 """
 
 from . import testing
+from ._binding import TRACEMALLOC_DOMAIN
 from .allocator import Allocator
 from .arena_allocator import ArenaAllocator
 from .buffer import Buffer
@@ -32,16 +33,19 @@ from .report import memory_report
 from .scope import Scope
 from .tensor import Tensor
 from .timeline import Timeline, record_memory
-from .weights import TensorInfo, WeightFile, load_weights, save_safetensors
+from .threads import get_num_threads, set_num_threads
+from .weights import QuantizedMatrix, TensorInfo, WeightFile, load_weights, save_safetensors
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TRACEMALLOC_DOMAIN",
     "Allocator", "ArenaAllocator", "Buffer", "CountingAllocator", "CountingStats",
     "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
     "LeakedBlock", "PageAllocator", "page_allocator",
     "memory_report", "testing", "Scope", "Tensor", "KVCache",
-    "load_weights", "WeightFile", "TensorInfo", "save_safetensors",
+    "load_weights", "WeightFile", "TensorInfo", "QuantizedMatrix", "save_safetensors",
+    "set_num_threads", "get_num_threads",
     "record_memory", "Timeline",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",

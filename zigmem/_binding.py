@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import os
 
-from . import _sites, errors
+from . import _sites, _zigmem, errors
 from ._format import format_address, format_bytes
 from ._zigmem import ffi, lib
 
 __all__ = [
     "ffi", "lib", "failure", "raise_failure", "check_size", "check_alignment", "SIZE_MAX",
+    "extension_path", "TRACEMALLOC_DOMAIN",
 ]
 
+
+def extension_path() -> str:
+    """The compiled extension's file, for the few functions that take Python objects and
+    are reached through ctypes.PyDLL (the numpy bridge)."""
+    return _zigmem.__file__
+
 SIZE_MAX = int(ffi.cast("size_t", -1))
+
+# tracemalloc sees the memory zigmem maps (arena and pool chunks, GPA slabs, page blocks)
+# under this domain: tracemalloc.DomainFilter(True, TRACEMALLOC_DOMAIN).
+TRACEMALLOC_DOMAIN = lib.ZM_TRACEMALLOC_DOMAIN
+lib.zm_py_trace_install()
 
 
 def _oom_message(what: str, report) -> str:
@@ -69,14 +81,21 @@ def _invalid_free(what: str, report) -> str:
             "returned it (or it was freed long ago and left the quarantine)")
 
 
-def failure(what: str, site: int = 0) -> Exception:
-    """The exception for the calling thread's last C failure. ``what`` names the call and
-    ``site`` (a zigmem._sites id) where it was made."""
-    report = lib.zm_last_report()
+def failure(what: str, site: int = 0, report=None) -> Exception:
+    """The exception for the calling thread's last C failure (or for ``report``). ``what``
+    names the call and ``site`` (a zigmem._sites id) where it was made."""
+    if report is None:
+        report = lib.zm_last_report()
     code = report.code
     more = f" (and {report.more} more problems found)" if report.more else ""
     if code == lib.ZM_ERR_ALIGNMENT:
         return errors.InvalidArgumentError(f"{what}: alignment {report.size} is not a power of two")
+    if code == lib.ZM_ERR_CLOSED:
+        return errors.UseAfterFreeError(f"{what}: the allocator was deinitialised")
+    if code == lib.ZM_ERR_STALE:
+        return errors.UseAfterFreeError(
+            f"{what}: the block was released by a reset or deinit (of its allocator or one "
+            "below it) after it was allocated")
     if code == lib.ZM_ERR_INVALID_ARG:
         return errors.InvalidArgumentError(f"{what}: invalid argument ({report.size})")
     if code == lib.ZM_ERR_DOUBLE_FREE:

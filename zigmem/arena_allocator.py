@@ -35,22 +35,22 @@ class ArenaAllocator(Allocator):
         ...     arena.reset("retain_capacity")
     """
 
-    releases_memory = True
+    retains_child_memory = True
 
     def __init__(self, child: Allocator = page_allocator) -> None:
-        if not isinstance(child, Allocator):
-            raise InvalidArgumentError(f"child must be a zigmem allocator, not {type(child).__name__}")
-        super().__init__((child,))
-        self.child = child
+        self.child = self._wrap(child)
         self._state = ffi.new("zm_arena_t *")
         lib.zm_arena_init(self._state, child._c[0])
-        lib.zm_arena_allocator(self._state, self._c)
+        inner = ffi.new("zm_allocator_t *")
+        lib.zm_arena_allocator(self._state, inner)
+        super().__init__(inner, (child,))
+        self._retained = ffi.new("int *")
         _registry.register(self)
 
     @property
     def capacity(self) -> int:
-        """Bytes the arena can hand out without asking its child for more."""
-        return self._locked(lib.zm_arena_capacity, self._state)
+        """Bytes the arena can hand out without asking its child for more (0 once deinit)."""
+        return lib.zm_py_arena_capacity(self._g, self._state)
 
     def reset(self, mode: str = "retain_capacity", limit: int | None = None) -> bool:
         """Release every allocation at once.
@@ -65,9 +65,11 @@ class ArenaAllocator(Allocator):
             reset all the same, with less capacity); True otherwise.
 
         Raises:
-            ArenaEscapeError: numpy arrays still view arena memory; nothing is released.
+            ArenaEscapeError: numpy arrays still view arena memory (its own blocks, or
+                blocks of a counting or failing wrapper above it); nothing is released.
+            MemorySafetyError: another arena allocates from this one and keeps its memory.
         """
-        if mode not in _MODES:
+        if not isinstance(mode, str) or mode not in _MODES:
             raise InvalidArgumentError(f"unknown reset mode {mode!r}; use one of {sorted(_MODES)}")
         if mode == "retain_with_limit" and limit is None:
             raise InvalidArgumentError('reset("retain_with_limit") needs limit=')
@@ -76,13 +78,13 @@ class ArenaAllocator(Allocator):
             if mode == "retain_capacity":
                 mode = "retain_with_limit"
         self._check_open("reset")
-        self._check_no_views("reset", ArenaEscapeError)
-        ok = self._locked(lib.zm_arena_reset, self._state, _MODES[mode], limit or 0)
-        self._generation += 1
-        return bool(ok)
+        retained = self._retained
+        self._release("reset", ArenaEscapeError, self._reset_chain("reset"), lib.zm_py_arena_reset,
+                      self._state, _MODES[mode], limit or 0, retained)
+        return bool(retained[0])
 
-    def _release(self) -> None:
-        self._locked(lib.zm_arena_deinit, self._state)
+    def _c_deinit(self, guards, holds, n: int) -> int:
+        return lib.zm_py_arena_deinit(guards, holds, n, self._state)
 
     # memory timeline (zigmem/_registry.py): the capacity it holds
     def _timeline_name(self) -> str:

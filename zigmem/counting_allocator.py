@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from . import _registry as _timeline_registry
 from ._binding import ffi, lib
+from ._concurrency import snapshot
 from .allocator import Allocator
-from .errors import InvalidArgumentError
 from .page_allocator import page_allocator
 
 _registry: weakref.WeakSet = weakref.WeakSet()
@@ -48,14 +48,13 @@ class CountingAllocator(Allocator):
     thread_safe = True
 
     def __init__(self, child: Allocator = page_allocator, name: str = "counting") -> None:
-        if not isinstance(child, Allocator):
-            raise InvalidArgumentError(f"child must be a zigmem allocator, not {type(child).__name__}")
-        super().__init__((child,))
-        self.child = child
+        self.child = self._wrap(child)
         self.name = str(name)
         self._state = ffi.new("zm_counting_t *")
         lib.zm_counting_init(self._state, child._c[0])
-        lib.zm_counting_allocator(self._state, self._c)
+        inner = ffi.new("zm_allocator_t *")
+        lib.zm_counting_allocator(self._state, inner)
+        super().__init__(inner, (child,))
         self._order = next(_creation_order)
         _registry.add(self)
         _timeline_registry.register(self)
@@ -70,8 +69,7 @@ class CountingAllocator(Allocator):
         """Start measuring the peak again from what is held now."""
         lib.zm_counting_reset_peak(self._state)
 
-    def deinit(self) -> None:
-        super().deinit()
+    def _after_close(self) -> None:
         _registry.discard(self)
 
     def _describe(self) -> str:
@@ -98,4 +96,4 @@ class CountingAllocator(Allocator):
 
 def live_counting_allocators() -> list[CountingAllocator]:
     """Every counting allocator not yet deinitialised, oldest first."""
-    return sorted(_registry, key=lambda c: c._order)
+    return sorted(snapshot(_registry), key=lambda c: c._order)

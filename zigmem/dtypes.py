@@ -47,7 +47,11 @@ def _resolve(dtype) -> np.dtype:
     Raises:
         InvalidArgumentError: unsupported, or bfloat16 without ml_dtypes installed.
     """
-    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", str(dtype))
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"unsupported dtype {dtype!r}; use one of {', '.join(_NAMES)}") from None
     if name == "bfloat16":
         found = numpy_dtype_named(name)
         if found is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ._binding import SIZE_MAX, check_size, ffi, lib
 from .allocator import Allocator
-from .errors import InvalidArgumentError
 
 
 def _index(value, name: str) -> int:
@@ -26,14 +25,13 @@ class FailingAllocator(Allocator):
 
     def __init__(self, child: Allocator, fail_index: int | None = None,
                  resize_fail_index: int | None = None) -> None:
-        if not isinstance(child, Allocator):
-            raise InvalidArgumentError(f"child must be a zigmem allocator, not {type(child).__name__}")
-        super().__init__((child,))
-        self.child = child
+        self.child = self._wrap(child)
         self._state = ffi.new("zm_failing_t *")
         lib.zm_failing_init(self._state, child._c[0], _index(fail_index, "fail_index"),
                             _index(resize_fail_index, "resize_fail_index"))
-        lib.zm_failing_allocator(self._state, self._c)
+        inner = ffi.new("zm_allocator_t *")
+        lib.zm_failing_allocator(self._state, inner)
+        super().__init__(inner, (child,))
 
     allocations = property(lambda self: self._state.allocations,
                            doc="Allocations that reached the child.")

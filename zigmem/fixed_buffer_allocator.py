@@ -24,10 +24,7 @@ class FixedBufferAllocator(Allocator):
         >>> tmp = scratch.alloc(4096)
     """
 
-    releases_memory = True  # releasing the caller's buffer ends every block in it
-
     def __init__(self, buffer) -> None:
-        super().__init__()
         self._source = buffer  # keeps a zigmem Buffer's view owner (hence memory) alive
         if isinstance(buffer, Buffer):
             buffer = buffer.__array__()
@@ -40,7 +37,9 @@ class FixedBufferAllocator(Allocator):
             ) from None
         self._state = ffi.new("zm_fixed_buffer_t *")
         lib.zm_fixed_buffer_init(self._state, self._cbuf, len(self._cbuf))
-        lib.zm_fixed_buffer_allocator(self._state, self._c)
+        inner = ffi.new("zm_allocator_t *")
+        lib.zm_fixed_buffer_allocator(self._state, inner)
+        super().__init__(inner)
 
     @property
     def size(self) -> int:
@@ -53,8 +52,14 @@ class FixedBufferAllocator(Allocator):
         return self._state.end
 
     def owns(self, buf) -> bool:
-        """Whether ``buf`` (a Buffer or an address) lies inside this allocator's buffer."""
-        address = buf.address if isinstance(buf, Buffer) else int(buf)
+        """Whether ``buf`` (a Buffer or an integer address) lies inside this allocator's buffer."""
+        if isinstance(buf, Buffer):
+            address = buf.address
+        elif isinstance(buf, int) or hasattr(buf, "__index__"):
+            address = buf.__index__()
+        else:
+            raise InvalidArgumentError(f"owns() takes a Buffer or an integer address, not "
+                                       f"{type(buf).__name__}")
         start = int(ffi.cast("uintptr_t", self._cbuf))
         return start <= address < start + self._state.len
 
@@ -63,13 +68,13 @@ class FixedBufferAllocator(Allocator):
 
         Raises:
             ArenaEscapeError: numpy arrays still view memory from it; nothing is released.
+            MemorySafetyError: an arena allocates from it and keeps its memory.
         """
         self._check_open("reset")
-        self._check_no_views("reset", ArenaEscapeError)
-        self._locked(lib.zm_fixed_buffer_reset, self._state)
-        self._generation += 1
+        self._release("reset", ArenaEscapeError, self._reset_chain("reset"),
+                      lib.zm_py_fixed_buffer_reset, self._state)
 
-    def _release(self) -> None:
+    def _after_close(self) -> None:
         ffi.release(self._cbuf)  # lets a bytearray be resized again
         self._source = None
 

@@ -5,17 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import _sites
-from ._binding import (
-    SIZE_MAX, check_alignment, check_size, failure, ffi, lib, raise_failure,
-)
+from ._binding import SIZE_MAX, check_size, failure, ffi, lib, raise_failure
 from ._format import format_address, format_bytes
-from .allocator import _FREED, Allocator
-from .buffer import Buffer, new_buffer
+from .allocator import Allocator
 from .errors import LeakError, OutOfMemoryError
-
-_gpa_alloc = lib.zm_gpa_py_alloc
-_gpa_free = lib.zm_gpa_py_free
-_here = _sites.here
 
 DEFAULT_QUARANTINE = 4 << 20
 
@@ -73,90 +66,29 @@ class GeneralPurposeAllocator(Allocator):
         ...     gpa.free(buf)
     """
 
-    releases_memory = True
-
     def __init__(self, safety: bool = True, thread_safe: bool = True, never_unmap: bool = False,
                  stack_trace_frames: int = 6, memory_limit: int | None = None,
                  quarantine_bytes: int = DEFAULT_QUARANTINE) -> None:
-        super().__init__()
         limit = SIZE_MAX if memory_limit is None else check_size(memory_limit, "memory_limit")
         config = ffi.new("zm_gpa_config_t *", {
             "safety": bool(safety), "thread_safe": bool(thread_safe),
             "never_unmap": bool(never_unmap), "memory_limit": limit,
             "quarantine_bytes": check_size(quarantine_bytes, "quarantine_bytes"),
         })
-        self._site_frames = check_size(stack_trace_frames, "stack_trace_frames")
-        self._g = lib.zm_gpa_create(config)
-        if self._g == ffi.NULL:
-            raise OutOfMemoryError("GeneralPurposeAllocator: cannot map its bookkeeping")
-        lib.zm_gpa_allocator(self._g, self._c)
-        # The C allocator locks for itself, or (thread_safe=False) takes the Python lock.
-        self._serialize = int(not thread_safe)
+        frames = check_size(stack_trace_frames, "stack_trace_frames")
         self.safety, self.thread_safe, self.memory_limit = bool(safety), bool(thread_safe), memory_limit
+        self._gpa = lib.zm_gpa_create(config)
+        if self._gpa == ffi.NULL:
+            raise OutOfMemoryError("GeneralPurposeAllocator: cannot map its bookkeeping")
+        # The GPA brings its own guard hooks: errors its vtable finds are reported by the
+        # call that found them, and a block is validated before realloc moves it.
+        super().__init__(None, guard_init=lambda g: lib.zm_gpa_guard_init(g, self._gpa))
         self._result = "ok"
-
-    # ------------------------------------------------------------ the allocator interface
-
-    def alloc(self, nbytes: int, alignment: int = 64) -> Buffer:
-        if self._closed:
-            self._check_open("alloc")
-        site = _here(self._site_frames) if self._site_frames else 0
-        try:
-            address = _gpa_alloc(self._g, nbytes, alignment, site)
-        except (TypeError, OverflowError):
-            check_size(nbytes, "nbytes")
-            check_alignment(alignment)
-            raise
-        if not address:
-            raise_failure(f"GeneralPurposeAllocator.alloc({nbytes}, alignment={alignment})", site)
-        buf = new_buffer(self, address, nbytes, alignment)
-        buf._sites = (site, 0)
-        return buf
-
-    def free(self, buf: Buffer) -> None:
-        """Free ``buf``. Its red zones are checked now; the memory is poisoned and held in
-        quarantine. Corruption found is raised after the block is freed."""
-        if buf.__class__ is not Buffer or buf._allocator is not self or buf._owner is not None \
-                or buf._gen != self._generation:
-            self._check_release(buf, "free", releasing=True)
-        site = _here(self._site_frames) if self._site_frames else 0
-        buf._gen = _FREED  # claimed before the GIL is released, as in Allocator.free
-        buf._sites = (buf._sites[0], site)
-        if _gpa_free(self._g, buf._address, buf._nbytes, buf._alignment, site):
-            raise_failure(f"GeneralPurposeAllocator.free({format_address(buf._address)})", site)
-
-    def resize(self, buf: Buffer, new_nbytes: int) -> bool:
-        self._check_release(buf, "resize")
-        new_nbytes = check_size(new_nbytes, "new_nbytes")
-        ok = lib.zm_gpa_py_resize(self._g, buf._address, buf._nbytes, buf._alignment, new_nbytes)
-        if ok < 0:
-            raise_failure(f"GeneralPurposeAllocator.resize({format_address(buf._address)})")
-        if ok:
-            buf._nbytes = new_nbytes
-        return bool(ok)
-
-    def remap(self, buf: Buffer, new_nbytes: int) -> Buffer | None:
-        """In place only: a moved block would need fresh red zones, which is a realloc."""
-        if not self.resize(buf, new_nbytes):
-            return None
-        new = new_buffer(self, buf._address, buf._nbytes, buf._alignment)
-        new._sites = buf._sites
-        buf._gen = _FREED
-        return new
-
-    def realloc(self, buf: Buffer, new_nbytes: int) -> Buffer:
-        site = _here(self._site_frames) if self._site_frames else 0
-
-        def gpa_realloc(_c, address, nbytes, alignment, new, _serialize):
-            return lib.zm_gpa_py_realloc(self._g, address, nbytes, alignment, new, site)
-
-        address = self._move(buf, new_nbytes, gpa_realloc, "realloc")
-        if address is None:
-            raise_failure(f"GeneralPurposeAllocator.realloc({buf._nbytes} -> {new_nbytes})", site)
-        buf._sites = (buf._sites[0], site)
-        new = self._successor(buf, address, new_nbytes)
-        new._sites = (site, 0)
-        return new
+        self._final_error = None
+        self.leaks_at_deinit: list[LeakedBlock] = []
+        if frames:
+            self._site_frames = frames
+            _sites.retain()
 
     # ------------------------------------------------------------ safety
 
@@ -169,15 +101,17 @@ class GeneralPurposeAllocator(Allocator):
                 so each problem is reported once.
         """
         self._check_open("check")
-        if lib.zm_gpa_check(self._g):
+        if lib.zm_py_gpa_check(self._g, self._gpa):
             raise_failure("GeneralPurposeAllocator.check()")
+        if self._numpy_bridge is not None:
+            self._numpy_bridge.raise_error("GeneralPurposeAllocator.check()")
 
     def leaks(self) -> list[LeakedBlock]:
         """The blocks allocated and not yet freed (tracked with safety on)."""
         self._check_open("list leaks of")
-        n = lib.zm_gpa_leaks(self._g, ffi.NULL, 0)
+        n = lib.zm_py_gpa_leaks(self._g, self._gpa, ffi.NULL, 0)
         reports = ffi.new("zm_report_t[]", max(n, 1))
-        n = min(n, lib.zm_gpa_leaks(self._g, reports, n))
+        n = min(n, lib.zm_py_gpa_leaks(self._g, self._gpa, reports, n))
         return [LeakedBlock(r.address, r.size, r.expected, _sites.frames(r.alloc_site))
                 for r in reports[0:n]]
 
@@ -185,7 +119,7 @@ class GeneralPurposeAllocator(Allocator):
     def stats(self) -> GeneralPurposeStats:
         self._check_open("read stats of")
         s = ffi.new("zm_gpa_stats_t *")
-        lib.zm_gpa_stats(self._g, s)
+        lib.zm_py_gpa_stats(self._g, self._gpa, s)
         return GeneralPurposeStats(s.live_bytes, s.live_count, s.peak_bytes,
                                    s.quarantine_bytes, s.quarantine_count)
 
@@ -204,11 +138,20 @@ class GeneralPurposeAllocator(Allocator):
             raise self._final_error
         return self._result
 
-    def _release(self) -> None:
-        self.leaks_at_deinit = self.leaks() if self.safety else []
-        status = lib.zm_gpa_destroy(self._g)
-        self._final_error = failure("GeneralPurposeAllocator.deinit()") if status else None
-        self._result = "leak" if self.leaks_at_deinit else "ok"
+    def _c_deinit(self, guards, holds, n: int) -> int:
+        leaks = self.leaks() if self.safety else []
+        op_status = ffi.new("int *")
+        status = lib.zm_py_gpa_destroy(guards, holds, n, self._gpa, op_status)
+        if status == lib.ZM_OK:
+            self.leaks_at_deinit = leaks
+            self._result = "leak" if leaks else "ok"
+            if op_status[0]:
+                self._final_error = failure("GeneralPurposeAllocator.deinit()")
+        return status
+
+    def _after_close(self) -> None:
+        if self._site_frames:
+            _sites.release()
 
     def __exit__(self, *exc) -> None:
         if self.deinit() == "leak":

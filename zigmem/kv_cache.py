@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import numpy as np
 
 from . import _registry
+from ._ownership import OwnsCState
 from .allocator import Allocator
 from .buffer import Buffer
 from .dtypes import resolve
@@ -18,7 +18,7 @@ _GROWTH = ("preallocate", "double")
 _FIRST_CAPACITY = 16  # positions, for growth="double"
 
 
-class KVCache:
+class KVCache(OwnsCState):
     """The keys and values of every layer for one conversation, in zigmem memory.
 
     Each layer has a K slab and a V slab laid out sequence-major,
@@ -32,7 +32,9 @@ class KVCache:
     ``allocator.remap`` — in place, or by moving its pages with ``mremap`` on the page
     allocator — and copied only when that is impossible; ``bytes_copied`` counts what growth
     copied. (With ``batch > 1`` the rows after the first must move within the grown slab, and
-    that counts as copied.) A growth that runs out of memory leaves the cache as it was.
+    that counts as copied.) Growth needs no rollback: each slab keeps its own capacity and
+    the cache's is the smallest, so a growth that runs out of memory (or is interrupted)
+    leaves every slab valid, some of them already larger; the next growth goes on from there.
 
     Sequence length. Each layer has its own fill level; ``append(layer, k, v)`` writes the
     next ``n_new`` positions of that layer, and ``keys(layer)`` / ``values(layer)`` see them at
@@ -87,7 +89,6 @@ class KVCache:
         self._seq_len = 0
         self._step_end = 0      # the fill level the current step brings every layer to
         self._written = 0       # layers that reached it
-        self._retired: list = []  # slabs kept alive by views from before a growth
         capacity = self.max_seq_len if growth == "preallocate" else min(_FIRST_CAPACITY, self.max_seq_len)
         self._capacity = 0
         self._slabs: list[Buffer] = []
@@ -96,6 +97,7 @@ class KVCache:
                 buf = allocator.alloc(self._slab_bytes(capacity))
                 s.errdefer(allocator.free, buf)
                 self._slabs.append(buf)
+        self._caps = [capacity] * len(self._slabs)  # positions each slab is laid out for
         self._capacity = capacity
         self._pairs = self._make_views()
         _registry.register(self)
@@ -108,11 +110,15 @@ class KVCache:
     def _make_views(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Full-capacity (K, V) views of each layer: [capacity, heads, dim] when batch is 1
         (so a write is one slice assignment), else [batch, capacity, heads, dim]."""
-        shape = (self.batch, self._capacity, self.n_kv_heads, self.head_dim)
-        views = [np.asarray(buf).view(self.dtype).reshape(shape) for buf in self._slabs]
+        views = [self._slab_view(buf, cap)[..., :self._capacity, :, :]
+                 for buf, cap in zip(self._slabs, self._caps)]
         if self.batch == 1:
             views = [view[0] for view in views]
         return list(zip(views[0::2], views[1::2]))
+
+    def _slab_view(self, buf: Buffer, capacity: int) -> np.ndarray:
+        raw = np.asarray(buf)[: self._slab_bytes(capacity)]
+        return raw.view(self.dtype).reshape(self.batch, capacity, self.n_kv_heads, self.head_dim)
 
     @property
     def seq_len(self) -> int:
@@ -126,8 +132,9 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: 2 · n_layers · batch · capacity · n_kv_heads · head_dim · itemsize."""
-        return 2 * self.n_layers * self._slab_bytes(self._capacity)
+        """Bytes held: 2 · n_layers · batch · capacity · n_kv_heads · head_dim · itemsize
+        (more while a growth that failed half-way left some slabs larger)."""
+        return sum(self._slab_bytes(cap) for cap in self._caps)
 
     def keys(self, layer: int) -> np.ndarray:
         """Zero-copy view of the keys ``layer`` holds."""
@@ -138,9 +145,15 @@ class KVCache:
         return self._filled(self._view(self._layer(layer))[1], layer)
 
     def _view(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._pairs is None:
+        return (self._pairs or self._views())[layer]
+
+    def _views(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Our (K, V) views of every layer, made again after a growth or a refused deinit
+        dropped them (they would pin the slabs)."""
+        if not self._slabs:
             raise UseAfterFreeError("KVCache was deinitialised")
-        return self._pairs[layer]
+        self._pairs = self._make_views()
+        return self._pairs
 
     def _filled(self, view: np.ndarray, layer: int) -> np.ndarray:
         return view[: self._lens[layer]] if self.batch == 1 else view[:, : self._lens[layer]]
@@ -165,7 +178,7 @@ class KVCache:
         # Runs once per layer per token: the decode step's shape (batch 1, [n, heads, dim])
         # is checked in two tuple compares, the rest only when they fail. A write that fails
         # half-way is invisible: the layer's length advances only after both succeed.
-        if self._pairs is None:
+        if not self._slabs:
             raise UseAfterFreeError("KVCache was deinitialised")
         if type(layer) is not int or not 0 <= layer < self.n_layers:
             layer = self._layer(layer)
@@ -175,7 +188,7 @@ class KVCache:
                 f"layer {layer} already holds {start} positions this step; every layer "
                 f"appends once per step (seq_len is {self._seq_len})")
         if type(k) is not np.ndarray or type(v) is not np.ndarray:
-            k, v = np.asarray(k), np.asarray(v)
+            k, v = _array(k, "k"), _array(v, "v")
         shape = k.shape
         if not (self._fast and shape[1:] == self._head_shape and v.shape == shape):
             k, v = self._input(k), self._input(v)
@@ -194,7 +207,7 @@ class KVCache:
                 raise InvalidArgumentError(
                     f"appending {shape[0]} positions to {start} exceeds max_seq_len={self.max_seq_len}")
             self._grow(end)
-        k_view, v_view = self._pairs[layer]
+        k_view, v_view = (self._pairs or self._views())[layer]
         try:
             if self.batch == 1:
                 k_view[start:end] = k
@@ -234,65 +247,60 @@ class KVCache:
     # ------------------------------------------------------------ growth
 
     def _grow(self, needed: int) -> None:
-        """Bring every slab to a capacity of at least ``needed`` positions, or none."""
+        """Bring every slab to a capacity of at least ``needed`` positions.
+
+        Slab by slab, each step leaving a valid cache: a slab is remapped in place (the
+        Buffer keeps its identity, so no exception can lose it) or copied into a new one
+        that replaces it in one assignment; its rows move for the new layout in one numpy
+        call; only then does its recorded capacity change."""
         capacity = min(max(2 * self._capacity, needed), self.max_seq_len)
-        new_bytes, old_bytes = self._slab_bytes(capacity), self._slab_bytes(self._capacity)
+        new_bytes = self._slab_bytes(capacity)
         allocator = self.allocator
         self._pairs = None  # our own views would pin the slabs and force copies
-        grown: list[tuple[int, Buffer, Buffer | None]] = []  # (slab, new, old if copied)
         try:
             for i, buf in enumerate(self._slabs):
-                new = None if buf.has_views() else allocator.remap(buf, new_bytes)
-                if new is not None:
-                    grown.append((i, new, None))
-                else:
-                    grown.append((i, allocator.alloc(new_bytes), buf))
-        except BaseException:
-            for i, new, old in grown:  # as it was: remapped slabs shrink back in place
-                if old is None:
-                    if not allocator.resize(new, old_bytes):
-                        new = allocator.realloc(new, old_bytes)
-                    self._slabs[i] = new
-                else:
+                old_cap = self._caps[i]
+                if old_cap >= capacity:
+                    continue  # grown by an earlier growth that stopped half-way
+                if not buf.has_views() and allocator._remap_in_place(buf, new_bytes):
+                    self._relayout(buf, old_cap, capacity)
+                    self._caps[i] = capacity
+                    continue
+                new = allocator.alloc(new_bytes)
+                try:
+                    self._copy_rows(buf, old_cap, new, capacity)
+                except BaseException:
                     allocator.free(new)
-            self._pairs = self._make_views()
-            raise
-        for i, new, old in grown:
-            self._slabs[i] = new
-            self._move_rows(new, old, capacity)
-            if old is not None:
-                self._retire(old)
-        self._capacity = capacity
-        self._pairs = self._make_views()
+                    raise
+                self._slabs[i], self._caps[i] = new, capacity
+                self._retire(buf)
+        finally:
+            self._capacity = min(self._caps)
 
-    def _move_rows(self, new: Buffer, old: Buffer | None, capacity: int) -> None:
-        """Put each batch row's filled positions where the new capacity wants them."""
-        filled = max(self._lens) * self._row
-        if not filled:
+    def _filled_rows(self) -> int:
+        return max(self._lens)
+
+    def _relayout(self, buf: Buffer, old_cap: int, capacity: int) -> None:
+        """Move rows 1.. of a slab grown in place to where the new capacity puts them: one
+        numpy copy (it handles the overlap), so nothing can interrupt it half-way."""
+        filled = self._filled_rows()
+        if self.batch == 1 or not filled:
             return
-        src_stride, dst_stride = self._capacity * self._row, capacity * self._row
-        dst = np.asarray(new)
-        src = dst if old is None else np.asarray(old)
-        for b in reversed(range(self.batch)):  # last row first: moves never overlap badly
-            if old is None and b == 0:
-                continue  # row 0 is already in place
-            dst[b * dst_stride: b * dst_stride + filled] = src[b * src_stride: b * src_stride + filled]
-            self.bytes_copied += filled
+        base = np.asarray(buf)
+        src = base[: self._slab_bytes(old_cap)].reshape(self.batch, old_cap * self._row)
+        dst = base[: self._slab_bytes(capacity)].reshape(self.batch, capacity * self._row)
+        np.copyto(dst[1:, : filled * self._row], src[1:, : filled * self._row])
+        self.bytes_copied += (self.batch - 1) * filled * self._row
+
+    def _copy_rows(self, old: Buffer, old_cap: int, new: Buffer, capacity: int) -> None:
+        filled = self._filled_rows()
+        if filled:
+            self._slab_view(new, capacity)[:, :filled] = self._slab_view(old, old_cap)[:, :filled]
+            self.bytes_copied += self.batch * filled * self._row
 
     def _retire(self, old: Buffer) -> None:
         """Free a replaced slab now, or when the last view of it dies."""
-        owner = old._owner() if old._owner is not None else None
-        if owner is None:
-            self.allocator.free(old)
-            return
-        self._retired.append(old)
-        weakref.finalize(owner, self._free_retired, old)
-
-    def _free_retired(self, old: Buffer) -> None:
-        if old in self._retired and old.is_live:
-            self._retired.remove(old)
-            old._owner = None
-            self.allocator.free(old)
+        old.free_when_unviewed()
 
     # ------------------------------------------------------------ lifetime
 
@@ -304,13 +312,14 @@ class KVCache:
         self._pairs = None  # ours; only the caller's views can pin a slab now
         pinned = [buf for buf in self._slabs if buf.has_views()]
         if pinned:
-            self._pairs = self._make_views()
             raise DanglingViewError(
                 f"cannot deinit KVCache: views of {len(pinned)} of its slabs (keys() / "
                 "values()) are still alive; drop them first; nothing was freed")
-        for buf in self._slabs:
-            self.allocator.free(buf)
-        self._slabs = []
+        while self._slabs:  # a slab leaves the list only once it is freed, whatever lands
+            buf = self._slabs[-1]
+            if buf.is_live:
+                self.allocator.free(buf)
+            self._slabs.pop()
 
     # memory timeline (zigmem/_registry.py): bytes held, bytes the positions written use
     def _timeline_name(self) -> str:
@@ -335,6 +344,13 @@ class KVCache:
     def __repr__(self) -> str:
         return (f"KVCache(layers={self.n_layers}, seq_len={self._seq_len}/{self._capacity}, "
                 f"dtype={self.dtype.name}, growth={self.growth!r}, nbytes={self.nbytes})")
+
+
+def _array(x, name: str) -> np.ndarray:
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as e:  # ragged lists, objects numpy cannot hold
+        raise InvalidArgumentError(f"{name} is not an array of numbers: {e}") from None
 
 
 def _positive(value, name: str) -> int:

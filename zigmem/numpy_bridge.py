@@ -7,29 +7,34 @@ block ended; the handler holds the allocator alive until then.
 
 NumPy keeps the current handler in a ContextVar: the block affects only the current thread
 (or asyncio task, and tasks created inside it, which copy the context). Other threads keep
-their own handler; a new thread starts with numpy's default. Nested blocks restore the
-previous handler on exit.
+their own handler; a new thread starts with numpy's default.
 
-The handler's Python-object functions (create a handler capsule, install it) are called
-through ``ctypes.PyDLL`` on the extension module itself: cffi cannot pass ``PyObject *``,
-and PyDLL calls them with the GIL held.
+The C side (``csrc/python/numpy_bridge.c``) does the rest: the handler enters the
+allocator's guard on every call, so it cannot race a reset or deinit and fails safely (numpy
+raises ``MemoryError``) once the allocator is gone; ``ServeNumpy`` installs and restores
+handlers in single C calls, keeping a chain of the handlers each one replaced, so that
+nested blocks, a reused ``numpy()`` object and blocks exited out of order all leave a
+consistent handler. Its Python-object functions are called through ``ctypes.PyDLL`` on the
+extension module itself, since cffi cannot pass ``PyObject *``.
 """
 
 from __future__ import annotations
 
 import ctypes
 
-from . import _sites, _zigmem
-from ._binding import ffi, lib
+from . import _sites
+from ._binding import extension_path, failure, ffi, lib
 from ._format import format_address, format_bytes
+from .errors import InvalidArgumentError, UseAfterFreeError
 
-_capi = ctypes.PyDLL(_zigmem.__file__)
-_handler_new = _capi.zm_np_handler_new
-_handler_new.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.py_object, ctypes.c_char_p]
-_handler_new.restype = ctypes.py_object
-_set_handler = _capi.zm_np_set_handler
-_set_handler.argtypes = [ctypes.py_object]
-_set_handler.restype = ctypes.py_object
+_capi = ctypes.PyDLL(extension_path())
+_serve_new = _capi.zm_np_serve_new
+_serve_new.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.py_object, ctypes.c_char_p,
+                       ctypes.py_object, ctypes.py_object]
+_serve_new.restype = ctypes.py_object
+_context_serves = _capi.zm_np_context_serves
+_context_serves.argtypes = [ctypes.c_void_p]
+_context_serves.restype = ctypes.c_int
 
 
 class NumpyBridge:
@@ -37,9 +42,25 @@ class NumpyBridge:
 
     def __init__(self, allocator) -> None:
         self.state = ffi.new("zm_np_state_t *")
-        lib.zm_np_state_init(self.state, allocator._c[0], allocator._serialize)
+        lib.zm_np_state_init(self.state, allocator._g)
         self.address = int(ffi.cast("uintptr_t", self.state))
         self.name = f"zigmem {type(allocator).__name__}".encode()[:120]
+
+    def __del__(self) -> None:
+        # Only when the allocator itself is collected: no array can free into it any more.
+        try:
+            lib.zm_np_state_deinit(self.state)
+        except Exception:  # interpreter shutdown
+            pass
+
+    def serve(self, allocator, site: int):
+        """A new ServeNumpy (C) for ``allocator``; it and its handlers hold the allocator."""
+        return _serve_new(self.address, site, allocator, self.name, UseAfterFreeError,
+                          InvalidArgumentError)
+
+    def serving_this_context(self) -> bool:
+        """Whether the calling context is inside one of this allocator's ``numpy()`` blocks."""
+        return _context_serves(self.address) == 1
 
     @property
     def live_count(self) -> int:
@@ -62,26 +83,10 @@ class NumpyBridge:
         return (f"{count} numpy {arrays} ({format_bytes(nbytes)}) allocated inside "
                 f"`with allocator.numpy()` {verb} still alive: {listed}{more}")
 
-
-class ServeNumpy:
-    """The context manager ``allocator.numpy()`` returns: installs the allocator as numpy's
-    data allocator for the current context on entry, restores the previous one on exit."""
-
-    __slots__ = ("allocator", "frames", "previous")
-
-    def __init__(self, allocator, frames: int) -> None:
-        self.allocator, self.frames, self.previous = allocator, frames, None
-
-    def __enter__(self):
-        allocator = self.allocator
-        allocator._check_open("serve numpy from")
-        bridge = allocator._numpy_bridge
-        if bridge is None:
-            bridge = allocator._numpy_bridge = NumpyBridge(allocator)
-        capsule = _handler_new(bridge.address, _sites.here(self.frames), allocator, bridge.name)
-        self.previous = _set_handler(capsule)  # the context and the arrays own the capsule now
-        return allocator
-
-    def __exit__(self, *exc) -> None:
-        _set_handler(self.previous)
-        self.previous = None
+    def raise_error(self, what: str) -> None:
+        """Raise the first write before a numpy array found since the last call, if any."""
+        if not self.state.errors:
+            return
+        report = ffi.new("zm_report_t *")
+        if lib.zm_np_take_error(self.state, report):
+            raise failure(what, report=report)

@@ -20,8 +20,9 @@ class PageAllocator(Allocator):
             ``populate``. When ``RLIMIT_MEMLOCK`` refuses, ``alloc`` raises
             ``OutOfMemoryError`` naming the limit.
 
-    A page allocator holds no state of its own, so ``deinit`` releases nothing: every block
-    is returned by its own ``free``.
+    A page allocator holds no memory of its own, so ``deinit`` releases nothing: every block
+    is returned by its own ``free``, and its Buffers stay usable. The process-wide
+    ``zm.page_allocator`` is the default child of every wrapper.
 
     Example:
         >>> weights = zm.page_allocator.alloc(1 << 30, alignment=2 << 20)
@@ -31,7 +32,6 @@ class PageAllocator(Allocator):
 
     def __init__(self, huge_pages: bool = False, populate: bool = False,
                  lock: bool = False) -> None:
-        super().__init__()
         flags = (
             (lib.ZM_PAGE_HUGE_PAGES if huge_pages else 0)
             | (lib.ZM_PAGE_POPULATE if populate else 0)
@@ -39,7 +39,9 @@ class PageAllocator(Allocator):
         )
         self._state = ffi.new("zm_page_t *")
         lib.zm_page_init(self._state, flags)
-        lib.zm_page_allocator(self._state, self._c)
+        inner = ffi.new("zm_allocator_t *")
+        lib.zm_page_allocator(self._state, inner)
+        super().__init__(inner)
         self.huge_pages, self.populate, self.lock = bool(huge_pages), bool(populate), bool(lock)
 
     @property

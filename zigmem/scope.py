@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 
 
@@ -75,7 +76,31 @@ class Scope:
         return False
 
     def __call__(self, fn):
-        """Use as a decorator: each call runs ``fn(scope, *args)`` in a fresh Scope."""
+        """Use as a decorator: each call runs ``fn(scope, *args)`` in a fresh Scope.
+
+        For a generator or an async function (or async generator) the Scope lives as long
+        as the body runs (until the generator is exhausted or closed, the coroutine
+        finishes), not just until the call returns the generator or coroutine object.
+        """
+        if inspect.isasyncgenfunction(fn):
+            @functools.wraps(fn)
+            async def scoped_async_gen(*args, **kwargs):
+                with Scope() as scope:
+                    async for item in fn(scope, *args, **kwargs):
+                        yield item
+            return scoped_async_gen
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def scoped_coroutine(*args, **kwargs):
+                with Scope() as scope:
+                    return await fn(scope, *args, **kwargs)
+            return scoped_coroutine
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def scoped_generator(*args, **kwargs):
+                with Scope() as scope:
+                    return (yield from fn(scope, *args, **kwargs))
+            return scoped_generator
 
         @functools.wraps(fn)
         def scoped(*args, **kwargs):

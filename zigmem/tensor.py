@@ -6,13 +6,23 @@ import math
 
 import numpy as np
 
+from . import _sites
 from ._binding import ffi, lib, raise_failure
-from .allocator import _FREED, Allocator
-from .buffer import new_buffer
+from ._format import format_bytes
+from ._ownership import OwnsCState
+from .allocator import Allocator
+from .buffer import _FREED, new_buffer
 from .dtypes import resolve
-from .errors import InvalidArgumentError
+from .errors import (
+    DanglingViewError, DoubleFreeError, InvalidArgumentError, OutOfMemoryError, UseAfterFreeError,
+)
 
-class Tensor:
+_here = _sites.here
+_STALE = lib.ZM_ERR_STALE
+_NO_SITES = (0, 0)
+
+
+class Tensor(OwnsCState):
     """The seed design's ``Tensor(T)``: its data, an owned copy of its shape and its strides
     (in elements), all three from ``allocator``; ``deinit`` frees all three.
 
@@ -21,45 +31,56 @@ class Tensor:
 
     Args:
         allocator: Any zigmem allocator.
-        shape: Non-negative integers; ``()`` is a 0-d tensor, zero-length dimensions work.
+        shape: Non-negative integers (or one integer, as numpy); ``()`` is a 0-d tensor,
+            zero-length dimensions work.
         dtype: float32, float16, bfloat16 (with ml_dtypes), float64, int8, uint8, int16,
             int32, int64 or bool.
+
+    A Tensor cannot be copied or pickled (two handles would free one block twice); its
+    blocks are recorded with the caller's site by a general-purpose allocator.
 
     Example:
         >>> with zm.Tensor(arena, (4, 64)) as t:
         ...     t.data[:] = 1.0            # zero-copy, C-contiguous numpy view
     """
 
-    __slots__ = ("_t", "_allocator", "_gen", "_buf", "_shape", "_dtype")
+    __slots__ = ("_t", "_allocator", "_gen", "_buf", "_shape", "_dtype", "_sites")
 
     def __init__(self, allocator: Allocator, shape, dtype="float32") -> None:
-        try:
-            closed = allocator._closed
-        except AttributeError:
+        if not isinstance(allocator, Allocator):
             raise InvalidArgumentError(
-                f"allocator must be a zigmem allocator, not {type(allocator).__name__}") from None
-        if closed:
-            allocator._check_open("allocate a Tensor from")
+                f"allocator must be a zigmem allocator, not {type(allocator).__name__}")
+        self._gen = _FREED  # until init succeeds
         self._dtype = resolve(dtype)
-        shape = self._shape = tuple(shape)
+        shape = self._shape = shape if shape.__class__ is tuple else _as_shape(shape)
+        site = _here(allocator._site_frames) if allocator._site_frames else 0
         t = _structs.pop() if _structs else ffi.new("zm_tensor_t *")
-        # cffi converts each dimension to int64 and C refuses negatives: the careful check
-        # runs only when one of them fails.
-        try:
-            status = lib.zm_py_tensor_init(t, allocator._c, shape, len(shape),
-                                           self._dtype.itemsize, allocator._serialize)
-        except (TypeError, OverflowError):
-            _check_shape(shape)
-            raise
+        while True:
+            gen = allocator._gen_seen
+            try:
+                # cffi converts each dimension to int64 and C refuses negatives: the careful
+                # check runs only when one of them fails.
+                status = lib.zm_py_tensor_init(allocator._g, gen, t, shape, len(shape),
+                                               self._dtype.itemsize, site)
+            except (TypeError, OverflowError, AttributeError):
+                allocator._check_open("allocate a Tensor from")
+                _check_shape(shape)
+                raise
+            if status != _STALE:
+                break
+            allocator._gen_seen = allocator._g.generation  # a release since: again
         if status:
             _structs.append(t)
             if status == lib.ZM_ERR_INVALID_ARG:
                 _check_shape(shape)
-            raise_failure(f"Tensor({shape}, {self._dtype.name})")
+            if status == lib.ZM_ERR_TOO_LARGE:
+                raise _too_large(shape, self._dtype)
+            raise_failure(f"Tensor({shape}, {self._dtype.name})", site)
         self._t = t
         self._allocator = allocator
-        self._gen = allocator._generation
+        self._gen = gen
         self._buf = None  # the data as a Buffer, made at the first .data
+        self._sites = (site, 0) if site else _NO_SITES
 
     @classmethod
     def from_numpy(cls, allocator: Allocator, array) -> Tensor:
@@ -106,31 +127,57 @@ class Tensor:
 
         Raises:
             DoubleFreeError: already deinitialised.
+            UseAfterFreeError: its allocator released the memory (reset or deinit).
             DanglingViewError: views of ``data`` are alive (nothing is freed).
         """
         allocator = self._allocator
         buf = self._buf
-        if buf is not None or self._gen != allocator._generation:
-            allocator._check_release(self._buffer(None), "deinit Tensor", releasing=True)
-            buf = self._buf
-        if buf is not None:
-            buf._gen = _FREED
+        gen = self._gen
+        if buf is not None or gen != allocator._gen_seen:
+            self._check_live("deinit", releasing=True)
+            if buf is not None:
+                if buf.has_views():
+                    raise DanglingViewError(
+                        f"cannot deinit {self!r}: numpy views of its data are still alive; "
+                        "drop them (del the arrays) first")
+                buf._gen = _FREED
+        site = _here(allocator._site_frames) if allocator._site_frames else 0
         self._gen = _FREED  # claimed before the GIL is released
-        lib.zm_py_tensor_deinit(self._t, allocator._c, allocator._serialize)
+        if site:
+            self._sites = (self._sites[0], site)
+        status = lib.zm_py_tensor_deinit(allocator._g, gen, self._t, site)
+        if status:
+            if status == _STALE:  # released by a reset in another thread
+                self._gen = gen
+                allocator._gen_seen = allocator._g.generation
+                self._check_live("deinit")
+            raise_failure(f"{self!r}.deinit()", site)
         _structs.append(self._t)  # reusable: every later access checks _gen first
 
-    def _buffer(self, action: str | None):
-        """The data as a Buffer (views and their tracking go through it). With an action,
-        raise UseAfterFreeError if the Tensor was deinitialised or its memory reset away."""
+    def _check_live(self, action: str, releasing: bool = False) -> None:
+        """Raise the precise error if the Tensor's memory is gone."""
+        gen = self._gen
+        if gen != _FREED and gen == self._allocator._g.generation:
+            return
+        what = f"Tensor(shape={self._shape}, dtype={self._dtype.name}, {format_bytes(self.nbytes)})"
+        if gen == _FREED:
+            sites = f"; allocated at {_sites.describe(self._sites[0])}" if self._sites[0] else ""
+            if self._sites[1]:
+                sites += f"; deinitialised at {_sites.describe(self._sites[1])}"
+            if releasing:
+                raise DoubleFreeError(f"double deinit of {what}{sites}")
+            raise UseAfterFreeError(f"cannot {action} {what}: it was deinitialised{sites}")
+        raise UseAfterFreeError(
+            f"cannot {action} {what}: {self._allocator._describe()} released its memory (a "
+            "reset or deinit) after it was made")
+
+    def _buffer(self, action: str):
+        """The data as a Buffer (views and their tracking go through it)."""
+        self._check_live(action)
         buf = self._buf
         if buf is None:
-            buf = new_buffer(self._allocator, 0, 0, 64)
-            buf._gen = self._gen
-            if self._gen != _FREED:
-                buf._address, buf._nbytes = self._t.data, self._t.nbytes
-            self._buf = buf
-        if action is not None:
-            self._allocator._check_usable(buf, f"{action} Tensor")
+            buf = self._buf = new_buffer(self._allocator, self._t.data, self._t.nbytes, 64,
+                                         self._gen)
         return buf
 
     def __enter__(self) -> Tensor:
@@ -140,12 +187,29 @@ class Tensor:
         self.deinit()
 
     def __repr__(self) -> str:
-        state = "live" if self._gen == self._allocator._generation else "released"
-        return f"Tensor(shape={self._shape}, dtype={self._dtype.name}, {state})"
+        live = self._gen != _FREED and self._gen == self._allocator._g.generation
+        return (f"Tensor(shape={self._shape}, dtype={self._dtype.name}, "
+                f"{'live' if live else 'released'})")
 
 
 # zm_tensor_t structs of deinitialised Tensors, reused: ffi.new costs more than the C call.
 _structs: list = []
+
+
+def _as_shape(shape) -> tuple:
+    if isinstance(shape, int) or (hasattr(shape, "__index__") and not hasattr(shape, "__len__")):
+        return (shape,)
+    try:
+        return tuple(shape)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"shape must be a sequence of integers, not {type(shape).__name__}") from None
+
+
+def _too_large(shape: tuple, dtype: np.dtype) -> OutOfMemoryError:
+    total = math.prod(int(d) for d in shape) * dtype.itemsize
+    return OutOfMemoryError(f"Tensor({shape}, {dtype.name}): {total} bytes do not fit in the "
+                            "address space")
 
 
 def _check_shape(shape: tuple) -> None:

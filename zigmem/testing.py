@@ -6,7 +6,6 @@ from . import _sites
 from ._format import format_address, format_bytes
 from .allocator import Allocator
 from .counting_allocator import CountingAllocator
-from .errors import OutOfMemoryError
 from .failing_allocator import FailingAllocator
 from .page_allocator import page_allocator
 
@@ -38,7 +37,7 @@ def _run(fn, args, kwargs, fail_index: int | None, backing: Allocator):
     try:
         fn(failing, *args, **kwargs)
         error = None
-    except OutOfMemoryError as e:
+    except MemoryError as e:  # OutOfMemoryError, or numpy's own inside a numpy() block
         error = e
     return failing, counting, error
 
@@ -48,7 +47,8 @@ def check_all_allocation_failures(fn, *args, backing: Allocator = page_allocator
 
     As Zig's ``std.testing.checkAllAllocationFailures``: a first run with no failure counts
     the allocations (N) and must not leak; then for each index 0..N-1 the allocation at that
-    index raises ``OutOfMemoryError``, which ``fn`` must let through, and nothing may leak.
+    index raises ``OutOfMemoryError`` (numpy's ``MemoryError`` for an allocation numpy made
+    inside ``allocator.numpy()``), which ``fn`` must let through, and nothing may leak.
 
     Args:
         fn: Takes the allocator to use as its first argument; must free all it allocates.

@@ -1,4 +1,4 @@
-/* The vtable handle, the per-thread report, and the checked entry points. */
+/* The vtable handle, the per-thread report, and the guard with its checked entry points. */
 typedef struct { void *ctx; ...; } zm_allocator_t;
 
 typedef struct {
@@ -12,14 +12,19 @@ typedef struct {
 #define ZM_FREE_WRONG_ALIGNMENT ...
 zm_report_t *zm_last_report(void);
 
-uintptr_t zm_py_alloc(const zm_allocator_t *a, size_t len, size_t align, int serialize);
-int zm_py_resize(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                 size_t new_len, int serialize);
-uintptr_t zm_py_remap(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                      size_t new_len, int serialize);
-uintptr_t zm_py_realloc(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                        size_t new_len, int serialize);
-void zm_py_free(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                int serialize);
-void zm_py_lock(void);
-void zm_py_unlock(void);
+typedef struct { uint64_t generation; bool closed; size_t foreign_live; uint64_t holds_made;
+                 uint64_t serial; ...; } zm_guard_t;
+typedef struct { uintptr_t address; size_t nbytes; size_t alignment; int moved; } zm_block_t;
+void zm_guard_init(zm_guard_t *g, zm_allocator_t inner, bool thread_safe);
+void zm_guard_deinit(zm_guard_t *g);
+void zm_guard_allocator(zm_guard_t *g, zm_allocator_t *out);
+uintptr_t zm_guard_alloc(zm_guard_t *g, uint64_t gen, size_t len, size_t align, uint64_t site);
+int zm_guard_free(zm_guard_t *g, uint64_t gen, uintptr_t ptr, size_t len, size_t align,
+                  uint64_t site);
+int zm_guard_resize(zm_guard_t *g, uint64_t gen, zm_block_t *b, size_t new_len);
+int zm_guard_move(zm_guard_t *g, uint64_t gen, zm_block_t *b, size_t new_len, bool copy,
+                  uint64_t site);
+int zm_guard_hold(zm_guard_t *g, uint64_t gen);
+int zm_py_close(zm_guard_t *const *chain, const uint64_t *holds, size_t n);
+#define ZM_TRACEMALLOC_DOMAIN ...
+void zm_py_trace_install(void);

@@ -9,14 +9,8 @@ typedef struct {
     size_t quarantine_count;
 } zm_gpa_stats_t;
 zm_gpa_t *zm_gpa_create(const zm_gpa_config_t *config);
-void zm_gpa_allocator(zm_gpa_t *g, zm_allocator_t *out);
-void zm_gpa_set_thread_site(uint64_t site);
-void zm_gpa_stats(zm_gpa_t *g, zm_gpa_stats_t *out);
-int zm_gpa_check(zm_gpa_t *g);
-size_t zm_gpa_leaks(zm_gpa_t *g, zm_report_t *out, size_t max);
-int zm_gpa_destroy(zm_gpa_t *g);
-uintptr_t zm_gpa_py_alloc(zm_gpa_t *g, size_t len, size_t align, uint64_t site);
-int zm_gpa_py_free(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, uint64_t site);
-int zm_gpa_py_resize(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, size_t new_len);
-uintptr_t zm_gpa_py_realloc(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align,
-                            size_t new_len, uint64_t site);
+void zm_gpa_guard_init(zm_guard_t *guard, zm_gpa_t *g);
+int zm_py_gpa_stats(zm_guard_t *g, zm_gpa_t *gpa, zm_gpa_stats_t *out);
+int zm_py_gpa_check(zm_guard_t *g, zm_gpa_t *gpa);
+size_t zm_py_gpa_leaks(zm_guard_t *g, zm_gpa_t *gpa, zm_report_t *out, size_t max);
+int zm_py_gpa_destroy(zm_guard_t *const *chain, const uint64_t *holds, size_t n, zm_gpa_t *gpa, int *op_status);

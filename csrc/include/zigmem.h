@@ -65,6 +65,10 @@ typedef enum zm_status {
     ZM_ERR_USE_AFTER_FREE = 11, /* poison of a freed block changed */
     ZM_ERR_LEAK = 12,
     ZM_ERR_INVALID_ARG = 13,
+    ZM_ERR_CLOSED = 14,         /* the allocator was deinitialised */
+    ZM_ERR_STALE = 15,          /* a reset or deinit released the block since it was stamped */
+    ZM_ERR_LIVE = 16,           /* numpy arrays still hold blocks; size = how many */
+    ZM_ERR_RETRY = 17,          /* a view was made while a release was being decided */
 } zm_status_t;
 
 /* What went wrong, for the caller to turn into a precise message. Fields that do not apply
@@ -95,6 +99,11 @@ typedef enum zm_free_detail {
 
 /* The calling thread's report of its last failure. */
 zm_report_t *zm_last_report(void);
+
+/* The calling thread's current call site (an id the caller interns, 0: none): recorded by
+ * allocators that keep sites (the general-purpose allocator) for calls that carry none. */
+void zm_set_thread_site(uint64_t site);
+uint64_t zm_thread_site(void);
 
 /* ---------------------------------------------------------------- the Allocator interface */
 
@@ -130,6 +139,97 @@ static inline void zm_free(zm_allocator_t a, void *ptr, size_t len, size_t align
 
 /* remap, else alloc + copy + free. NULL: out of memory, the old block is untouched. */
 void *zm_realloc(zm_allocator_t a, void *ptr, size_t len, size_t align, size_t new_len);
+
+/* ---------------------------------------------------------------- memory tracing
+ *
+ * Hooks told about every mapping the page allocator makes (track: address and size) or
+ * gives back (untrack), for a tracer such as Python's tracemalloc (see trace.c). Calls made
+ * inside a guard are delivered when the thread leaves its outermost guard, never under a
+ * lock; threads marked quiet deliver nothing. */
+typedef struct zm_trace_hooks {
+    void (*track)(uintptr_t ptr, size_t size);
+    void (*untrack)(uintptr_t ptr);
+} zm_trace_hooks_t;
+
+/* Install hooks (NULL: none, the default). */
+void zm_trace_set(const zm_trace_hooks_t *hooks);
+/* Mark the calling thread quiet (worker threads that must not call into the tracer). */
+void zm_trace_quiet(bool on);
+/* For allocators: memory from the OS (size > 0) or given back (size 0). */
+void zm_trace_event(uintptr_t ptr, size_t size);
+/* For guards: the thread enters / leaves a lock; leaving the outermost delivers events. */
+void zm_trace_enter(void);
+void zm_trace_leave(void);
+
+/* ---------------------------------------------------------------- guard
+ *
+ * An allocator made safe to share between threads and wrappers, with every release checked
+ * (see guard.c): a lock of its own (shared when the allocator is thread-safe), a generation
+ * that every reset or deinit bumps, a closed flag, and the count of blocks numpy holds. */
+
+typedef struct zm_guard zm_guard_t;
+struct zm_guard {
+    zm_allocator_t inner;
+    uint64_t generation;  /* bumped by every release of this allocator or one below it */
+    int32_t lock;         /* -1: held exclusively; n > 0: n shared holders */
+    bool shared;          /* the inner allocator is thread-safe: calls share the lock */
+    bool closed;          /* deinitialised: every call fails with ZM_ERR_CLOSED */
+    bool registered;
+    size_t foreign_live;  /* blocks handed to numpy (the bridge) and not yet given back */
+    uint64_t holds_made;  /* views ever made of its blocks (zm_guard_hold) */
+    /* Optional hooks of the inner allocator (a GPA's zm_gpa_take_error / _check_block). */
+    int (*take_error)(void *ctx, zm_report_t *r);
+    int (*check_block)(void *ctx, uintptr_t ptr, size_t len, size_t align, zm_report_t *r);
+    uint64_t serial;      /* creation order */
+    zm_guard_t *prev, *next;
+};
+
+/* A block as a caller records it; the checked calls that move it rewrite it in place. */
+typedef struct zm_block {
+    uintptr_t address;
+    size_t nbytes;
+    size_t alignment;
+    int moved;
+} zm_block_t;
+
+/* Register g (for fork) guarding inner; a NULL vtable makes a guard that refuses every call. */
+void zm_guard_init(zm_guard_t *g, zm_allocator_t inner, bool thread_safe);
+/* Unregister; idempotent. g must not be used after. */
+void zm_guard_deinit(zm_guard_t *g);
+/* A vtable that enters the guard around each call: what wrappers above it wrap. */
+void zm_guard_allocator(zm_guard_t *g, zm_allocator_t *out);
+/* Take and drop the lock, for callers that run several steps inside it (the numpy bridge);
+ * false (ZM_ERR_CLOSED reported) when the allocator is closed. */
+bool zm_guard_enter(zm_guard_t *g);
+void zm_guard_leave(zm_guard_t *g);
+
+/* Enter for a caller whose blocks are stamped with generation gen, recording site: false
+ * (report filled) if closed, released since (ZM_ERR_STALE) or an error is pending; leave,
+ * picking up an error the steps found but could not return. For multi-step C callers. */
+bool zm_guard_enter_checked(zm_guard_t *g, uint64_t gen, uint64_t site);
+int zm_guard_leave_checked(zm_guard_t *g, int status);
+
+/* Checked operations for a caller whose block is stamped with generation gen: ZM_ERR_STALE if
+ * a release happened since, ZM_ERR_CLOSED after deinit; site is recorded by a GPA. alloc
+ * returns 0 on failure; resize 1 / 0 (cannot in place) / -1 (error); the others a status. */
+uintptr_t zm_guard_alloc(zm_guard_t *g, uint64_t gen, size_t len, size_t align, uint64_t site);
+int zm_guard_free(zm_guard_t *g, uint64_t gen, uintptr_t ptr, size_t len, size_t align,
+                  uint64_t site);
+int zm_guard_resize(zm_guard_t *g, uint64_t gen, zm_block_t *b, size_t new_len);
+int zm_guard_move(zm_guard_t *g, uint64_t gen, zm_block_t *b, size_t new_len, bool copy,
+                  uint64_t site);
+/* Count a view of a block stamped gen (ZM_ERR_STALE / ZM_ERR_CLOSED if it is gone). The caller
+ * registers the view before, so a release that looked at the views before this call sees
+ * holds_made change and asks again (ZM_ERR_RETRY) instead of releasing under the view. */
+int zm_guard_hold(zm_guard_t *g, uint64_t gen);
+/* Release (reset / deinit) the allocator of chain[n-1] under its guard and the guards of
+ * every allocator above it (chain[0..n-1), newest first: the global lock order): refused
+ * with ZM_ERR_RETRY if a view was made since the caller read holds[i] (holds_made), with
+ * ZM_ERR_LIVE while numpy holds blocks of any of them, or ZM_ERR_CLOSED; else runs
+ * op(ctx, arg) (its status in *op_status), bumps every generation and, with close, marks
+ * chain[n-1] closed, all in one critical section. */
+int zm_guard_release(zm_guard_t *const *chain, const uint64_t *holds, size_t n, bool close,
+                     int (*op)(void *ctx, void *arg), void *ctx, void *arg, int *op_status);
 
 /* ---------------------------------------------------------------- page allocator */
 
@@ -248,9 +348,8 @@ typedef struct zm_gpa_stats {
 } zm_gpa_stats_t;
 
 zm_gpa_t *zm_gpa_create(const zm_gpa_config_t *config);
+/* Its vtable. Operations record zm_thread_site() as their site. */
 void zm_gpa_allocator(zm_gpa_t *g, zm_allocator_t *out);
-/* The site recorded by this thread's next GPA operations made through the vtable. */
-void zm_gpa_set_thread_site(uint64_t site);
 void zm_gpa_stats(zm_gpa_t *g, zm_gpa_stats_t *out);
 /* Verify every live block's red zones and every quarantined block's poison. Returns the
  * first problem (report in zm_last_report) after repairing it, or ZM_OK. */
@@ -261,13 +360,12 @@ size_t zm_gpa_leaks(zm_gpa_t *g, zm_report_t *out, size_t max);
 /* Release everything. Returns the first corruption found on the way (report filled). */
 int zm_gpa_destroy(zm_gpa_t *g);
 
-/* Checked operations: 0 / ZM_OK, or a status with zm_last_report filled. */
-uintptr_t zm_gpa_py_alloc(zm_gpa_t *g, size_t len, size_t align, uint64_t site);
-int zm_gpa_py_free(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, uint64_t site);
-/* 1: resized, 0: cannot in place, -1: error (report filled) */
-int zm_gpa_py_resize(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align, size_t new_len);
-uintptr_t zm_gpa_py_realloc(zm_gpa_t *g, uintptr_t ptr, size_t len, size_t align,
-                            size_t new_len, uint64_t site);
+/* Hooks for a guard (zm_guard_t): the pending error of an earlier vtable call (ZM_OK if
+ * none), and a check of a live block before it moves (ZM_OK, or the problem). */
+int zm_gpa_take_error(void *ctx, zm_report_t *r);
+int zm_gpa_check_block(void *ctx, uintptr_t ptr, size_t len, size_t align, zm_report_t *r);
+/* A guard over g with those hooks (shared when g is thread_safe). */
+void zm_gpa_guard_init(zm_guard_t *guard, zm_gpa_t *g);
 
 /* ---------------------------------------------------------------- tensor */
 
@@ -336,32 +434,55 @@ int zm_gguf_parse(const uint8_t *data, size_t size, zm_gguf_info_t *info, zm_ggu
                   zm_gguf_tensor_t *tensors, void *scratch, char *err, size_t err_len);
 bool zm_ggml_type_size(uint32_t type, uint32_t *block, uint32_t *bytes);
 
-enum { ZM_GGML_F32 = 0, ZM_GGML_F16 = 1, ZM_GGML_Q4_0 = 2, ZM_GGML_Q4_1 = 3, ZM_GGML_Q8_0 = 8,
+enum { ZM_GGML_F32 = 0, ZM_GGML_F16 = 1, ZM_GGML_Q4_0 = 2, ZM_GGML_Q4_1 = 3, ZM_GGML_Q5_0 = 6,
+       ZM_GGML_Q5_1 = 7, ZM_GGML_Q8_0 = 8, ZM_GGML_Q2_K = 10, ZM_GGML_Q3_K = 11,
+       ZM_GGML_Q4_K = 12, ZM_GGML_Q5_K = 13, ZM_GGML_Q6_K = 14, ZM_GGML_IQ4_NL = 20,
        ZM_GGML_BF16 = 30 };
-/* n elements of a ggml type to float32 (F32, F16, BF16, Q4_0, Q4_1, Q8_0); else
- * ZM_ERR_INVALID_ARG. */
+/* n elements of a ggml type to float32, bit for bit as gguf.quants.dequantize: F32, F16,
+ * BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL; n a multiple of
+ * the type's block. Else ZM_ERR_INVALID_ARG. */
 int zm_dequantize(uint32_t type, const void *src, size_t n, float *dst);
 
-/* ---------------------------------------------------------------- Python entry points
+/* ---------------------------------------------------------------- quantized matrix kernels
  *
- * The Python layer calls these (cffi releases the GIL around them). Addresses travel as
- * integers. `serialize` takes one process-wide lock around the call, for allocators that are
- * not thread-safe themselves: two Python threads must not corrupt an arena. */
+ * A weight matrix W of `rows` x `cols` elements of a ggml type (rows of blocks, as in GGUF),
+ * read in place. Results are deterministic: every output element is summed in an order that
+ * depends only on `cols` and the kernel path, never on n, the row or the thread count. */
 
-uintptr_t zm_py_alloc(const zm_allocator_t *a, size_t len, size_t align, int serialize);
-int zm_py_resize(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                 size_t new_len, int serialize);
-uintptr_t zm_py_remap(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                      size_t new_len, int serialize);
-uintptr_t zm_py_realloc(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                        size_t new_len, int serialize);
-void zm_py_free(const zm_allocator_t *a, uintptr_t ptr, size_t len, size_t align,
-                int serialize);
-int zm_py_tensor_init(zm_tensor_t *t, const zm_allocator_t *a, const int64_t *shape,
-                      size_t ndim, size_t itemsize, int serialize);
-void zm_py_tensor_deinit(zm_tensor_t *t, const zm_allocator_t *a, int serialize);
-void zm_py_lock(void);
-void zm_py_unlock(void);
+/* out[n][rows] = x[n][cols] @ W^T. Types: those of zm_dequantize. Scratch comes from the
+ * pool's allocator (zm_pool_set_allocator). ZM_ERR_INVALID_ARG: unsupported type or cols
+ * not a multiple of its block; ZM_ERR_OUT_OF_MEMORY: scratch refused (out untouched). */
+int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, const float *x,
+                    size_t n, float *out);
+/* out[i][cols] = row ids[i] of W, dequantized. Every id is checked before anything is
+ * written: one out of [0, rows) is ZM_ERR_INVALID_ARG, with report.size = its index. */
+int zm_quant_rows(uint32_t type, const void *w, size_t rows, size_t cols, const int64_t *ids,
+                  size_t n_ids, float *out);
+
+/* Kernel paths: the fastest the CPU has, chosen at first use; the environment variable
+ * ZIGMEM_KERNELS=portable|avx2|avx512 (or zm_kernels_set) forces one. */
+enum { ZM_KERNELS_PORTABLE = 0, ZM_KERNELS_AVX2 = 1, ZM_KERNELS_AVX512 = 2 };
+/* ZM_ERR_INVALID_ARG when this CPU cannot run that path (the current one stays). */
+int zm_kernels_set(int path);
+int zm_kernels_get(void);
+bool zm_kernels_supported(int path);
+
+/* ---------------------------------------------------------------- worker pool
+ *
+ * One process-wide pool of the core's own threads (thread_pool.c). A job is n_tasks calls of
+ * fn(arg, task, worker), shared by the caller and the workers; one job runs at a time
+ * (concurrent callers wait their turn). Fork-safe: a child starts its workers afresh. */
+typedef void (*zm_task_fn)(void *arg, size_t task, unsigned worker);
+/* Threads a job uses, the caller included: >= 1. Default: the CPUs this process may use. */
+int zm_set_num_threads(unsigned n);
+unsigned zm_get_num_threads(void);
+/* Where per-worker scratch comes from. The allocator must outlive the pool (process-wide). */
+void zm_pool_set_allocator(const zm_allocator_t *a);
+/* Run a job. Before it starts, every worker gets scratch_bytes of 64-byte-aligned scratch
+ * (zm_pool_scratch); ZM_ERR_OUT_OF_MEMORY if that is refused (nothing ran). */
+int zm_pool_run(zm_task_fn fn, void *arg, size_t n_tasks, size_t scratch_bytes);
+/* The scratch of `worker` during a job. */
+void *zm_pool_scratch(unsigned worker);
 
 #ifdef __cplusplus
 }

@@ -16,6 +16,50 @@ static zm_gpa_t *make(bool safety, size_t quarantine, size_t limit) {
 
 static zm_report_t *last(void) { return zm_last_report(); }
 
+/* Checked calls as the Python layer makes them: through a guard over the GPA (guard.c),
+ * whose hooks report what the GPA finds in the call that found it. */
+static struct { zm_gpa_t *gpa; zm_guard_t guard; } guards[64];
+
+static zm_guard_t *guard_of(zm_gpa_t *g) {
+    for (size_t i = 0; i < sizeof guards / sizeof guards[0]; i++) {
+        if (guards[i].gpa == g) return &guards[i].guard;
+        if (!guards[i].gpa) {
+            guards[i].gpa = g;
+            zm_gpa_guard_init(&guards[i].guard, g);
+            return &guards[i].guard;
+        }
+    }
+    return NULL;
+}
+
+static uintptr_t gpa_alloc(zm_gpa_t *g, size_t len, size_t align, uint64_t site) {
+    return zm_guard_alloc(guard_of(g), 0, len, align, site);
+}
+
+static int gpa_free(zm_gpa_t *g, uintptr_t p, size_t len, size_t align, uint64_t site) {
+    return zm_guard_free(guard_of(g), 0, p, len, align, site);
+}
+
+static int gpa_resize(zm_gpa_t *g, uintptr_t p, size_t len, size_t align, size_t new_len) {
+    zm_block_t b = {p, len, align, 0};
+    return zm_guard_resize(guard_of(g), 0, &b, new_len);
+}
+
+static uintptr_t gpa_realloc(zm_gpa_t *g, uintptr_t p, size_t len, size_t align, size_t new_len,
+                             uint64_t site) {
+    zm_block_t b = {p, len, align, 0};
+    return zm_guard_move(guard_of(g), 0, &b, new_len, true, site) == ZM_OK ? b.address : 0;
+}
+
+static int gpa_destroy(zm_gpa_t *g) {
+    for (size_t i = 0; i < sizeof guards / sizeof guards[0]; i++)
+        if (guards[i].gpa == g) {
+            zm_guard_deinit(&guards[i].guard);
+            guards[i].gpa = NULL;
+        }
+    return zm_gpa_destroy(g);
+}
+
 static void test_fast_mode(void) {
     zm_gpa_t *g = make(false, 0, SIZE_MAX);
     zm_allocator_t a;
@@ -39,58 +83,58 @@ static void test_fast_mode(void) {
     zm_gpa_stats_t s;
     zm_gpa_stats(g, &s);
     CHECK(s.live_bytes == 33);
-    CHECK(zm_gpa_destroy(g) == ZM_OK);
+    CHECK(gpa_destroy(g) == ZM_OK);
 }
 
 static void test_overflow_and_underflow(void) {
     zm_gpa_t *g = make(true, 1 << 20, SIZE_MAX);
-    uintptr_t p = zm_gpa_py_alloc(g, 100, 8, 11);
+    uintptr_t p = gpa_alloc(g, 100, 8, 11);
     CHECK(p != 0);
     ((char *)p)[100] = 'x'; /* one byte past the end */
-    CHECK(zm_gpa_py_free(g, p, 100, 8, 12) == ZM_ERR_OVERFLOW);
+    CHECK(gpa_free(g, p, 100, 8, 12) == ZM_ERR_OVERFLOW);
     CHECK(last()->offset == 100 && last()->count == 1 && last()->alloc_site == 11);
 
-    p = zm_gpa_py_alloc(g, 64, 64, 13);
+    p = gpa_alloc(g, 64, 64, 13);
     memset((char *)p - 16, 0, 16); /* the whole red zone before */
     CHECK(zm_gpa_check(g) == ZM_ERR_UNDERFLOW);
     CHECK(last()->address == p && last()->offset == 16 && last()->count == 16);
     CHECK(zm_gpa_check(g) == ZM_OK); /* repaired: reported once */
-    CHECK(zm_gpa_py_free(g, p, 64, 64, 14) == ZM_OK);
-    CHECK(zm_gpa_destroy(g) == ZM_OK);
+    CHECK(gpa_free(g, p, 64, 64, 14) == ZM_OK);
+    CHECK(gpa_destroy(g) == ZM_OK);
 }
 
 static void test_double_and_invalid_frees(void) {
     zm_gpa_t *g = make(true, 1 << 20, SIZE_MAX);
-    uintptr_t p = zm_gpa_py_alloc(g, 256, 16, 1);
-    CHECK(zm_gpa_py_free(g, p, 256, 16, 2) == ZM_OK);
-    CHECK(zm_gpa_py_free(g, p, 256, 16, 3) == ZM_ERR_DOUBLE_FREE);
+    uintptr_t p = gpa_alloc(g, 256, 16, 1);
+    CHECK(gpa_free(g, p, 256, 16, 2) == ZM_OK);
+    CHECK(gpa_free(g, p, 256, 16, 3) == ZM_ERR_DOUBLE_FREE);
     CHECK(last()->alloc_site == 1 && last()->free_site == 2);
     /* the freed address is not handed out again while quarantined */
-    for (int i = 0; i < 100; i++) CHECK(zm_gpa_py_alloc(g, 256, 16, 4) != p);
+    for (int i = 0; i < 100; i++) CHECK(gpa_alloc(g, 256, 16, 4) != p);
 
-    uintptr_t q = zm_gpa_py_alloc(g, 1000, 16, 5);
-    CHECK(zm_gpa_py_free(g, q + 10, 990, 16, 6) == ZM_ERR_INVALID_FREE);
+    uintptr_t q = gpa_alloc(g, 1000, 16, 5);
+    CHECK(gpa_free(g, q + 10, 990, 16, 6) == ZM_ERR_INVALID_FREE);
     CHECK(last()->detail == ZM_FREE_INTERIOR_POINTER && last()->offset == 10 &&
           last()->size == 1000 && last()->address == q);
-    CHECK(zm_gpa_py_free(g, q, 999, 16, 6) == ZM_ERR_INVALID_FREE);
+    CHECK(gpa_free(g, q, 999, 16, 6) == ZM_ERR_INVALID_FREE);
     CHECK(last()->detail == ZM_FREE_WRONG_SIZE && last()->given == 999 && last()->size == 1000);
-    CHECK(zm_gpa_py_free(g, q, 1000, 32, 6) == ZM_ERR_INVALID_FREE);
+    CHECK(gpa_free(g, q, 1000, 32, 6) == ZM_ERR_INVALID_FREE);
     CHECK(last()->detail == ZM_FREE_WRONG_ALIGNMENT && last()->given == 32 &&
           last()->expected == 16);
     static char never[64];
-    CHECK(zm_gpa_py_free(g, (uintptr_t)never, 64, 16, 6) == ZM_ERR_INVALID_FREE);
+    CHECK(gpa_free(g, (uintptr_t)never, 64, 16, 6) == ZM_ERR_INVALID_FREE);
     CHECK(last()->detail == ZM_FREE_UNKNOWN_POINTER);
-    CHECK(zm_gpa_py_free(g, q, 1000, 16, 7) == ZM_OK); /* the right free still works */
+    CHECK(gpa_free(g, q, 1000, 16, 7) == ZM_OK); /* the right free still works */
     zm_report_t leaks[4];
     CHECK(zm_gpa_leaks(g, leaks, 4) == 100);
-    CHECK(zm_gpa_destroy(g) == ZM_OK);
+    CHECK(gpa_destroy(g) == ZM_OK);
 }
 
 static void test_use_after_free(void) {
     zm_gpa_t *g = make(true, 4096, SIZE_MAX);
-    uintptr_t p = zm_gpa_py_alloc(g, 512, 16, 21);
+    uintptr_t p = gpa_alloc(g, 512, 16, 21);
     memset((void *)p, 7, 512);
-    CHECK(zm_gpa_py_free(g, p, 512, 16, 22) == ZM_OK);
+    CHECK(gpa_free(g, p, 512, 16, 22) == ZM_OK);
     /* read after free sees poison, not the old data */
     CHECK(((unsigned char *)p)[0] != 7 || ((unsigned char *)p)[1] != 7);
     ((char *)p)[300] = 1; /* write after free */
@@ -101,7 +145,7 @@ static void test_use_after_free(void) {
     /* found when it leaves quarantine: the free that pushed it out reports it, once */
     int found = 0;
     for (int i = 0; i < 20; i++) {
-        if (zm_gpa_py_free(g, zm_gpa_py_alloc(g, 512, 16, 23), 512, 16, 24) != ZM_OK) {
+        if (gpa_free(g, gpa_alloc(g, 512, 16, 23), 512, 16, 24) != ZM_OK) {
             found++;
             CHECK(last()->code == ZM_ERR_USE_AFTER_FREE && last()->offset == 5);
             CHECK(last()->address == p && last()->free_site == 22);
@@ -111,49 +155,49 @@ static void test_use_after_free(void) {
     /* a vtable free cannot return a status: its finding waits for the next checked call */
     zm_allocator_t a;
     zm_gpa_allocator(g, &a);
-    uintptr_t q = zm_gpa_py_alloc(g, 4000, 16, 26);
+    uintptr_t q = gpa_alloc(g, 4000, 16, 26);
     zm_free(a, (void *)q, 4000, 16);
     ((char *)q)[0] ^= 1;
     for (int i = 0; i < 3; i++) zm_free(a, zm_alloc(a, 2000, 16), 2000, 16);
-    CHECK(zm_gpa_py_alloc(g, 8, 8, 25) == 0 && last()->code == ZM_ERR_USE_AFTER_FREE);
+    CHECK(gpa_alloc(g, 8, 8, 25) == 0 && last()->code == ZM_ERR_USE_AFTER_FREE);
     CHECK(last()->address == q);
-    CHECK(zm_gpa_py_alloc(g, 8, 8, 25) != 0); /* and then it keeps working */
-    CHECK(zm_gpa_destroy(g) == ZM_OK);
+    CHECK(gpa_alloc(g, 8, 8, 25) != 0); /* and then it keeps working */
+    CHECK(gpa_destroy(g) == ZM_OK);
 }
 
 static void test_limit_and_resize(void) {
     zm_gpa_t *g = make(true, 1 << 20, 10000);
-    uintptr_t p = zm_gpa_py_alloc(g, 6000, 16, 1);
-    CHECK(p && zm_gpa_py_alloc(g, 5000, 16, 1) == 0 && last()->code == ZM_ERR_LIMIT);
+    uintptr_t p = gpa_alloc(g, 6000, 16, 1);
+    CHECK(p && gpa_alloc(g, 5000, 16, 1) == 0 && last()->code == ZM_ERR_LIMIT);
     CHECK(last()->limit == 10000);
-    CHECK(zm_gpa_py_resize(g, p, 6000, 16, 20000) == 0); /* refused, block untouched */
-    CHECK(zm_gpa_py_resize(g, p, 6000, 16, 5000) == 1);
+    CHECK(gpa_resize(g, p, 6000, 16, 20000) == 0); /* refused, block untouched */
+    CHECK(gpa_resize(g, p, 6000, 16, 5000) == 1);
     ((char *)p)[5000] = 1; /* the shrunk-away bytes are red zone now */
     CHECK(zm_gpa_check(g) == ZM_ERR_OVERFLOW && last()->offset == 5000);
     /* moving needs old and new at once: over the limit, refused, the old block intact */
     memset((void *)p, 3, 5000);
-    CHECK(zm_gpa_py_realloc(g, p, 5000, 16, 9000, 2) == 0 && last()->code == ZM_ERR_LIMIT);
+    CHECK(gpa_realloc(g, p, 5000, 16, 9000, 2) == 0 && last()->code == ZM_ERR_LIMIT);
     CHECK(((unsigned char *)p)[4999] == 3);
-    uintptr_t q = zm_gpa_py_realloc(g, p, 5000, 16, 4000, 2);
+    uintptr_t q = gpa_realloc(g, p, 5000, 16, 4000, 2);
     CHECK(q == p);
-    CHECK(zm_gpa_py_free(g, q, 4000, 16, 3) == ZM_OK);
-    CHECK(zm_gpa_py_alloc(g, 1 << 30, 16, 1) == 0 && last()->code == ZM_ERR_LIMIT);
-    CHECK(zm_gpa_destroy(g) == ZM_OK);
+    CHECK(gpa_free(g, q, 4000, 16, 3) == ZM_OK);
+    CHECK(gpa_alloc(g, 1 << 30, 16, 1) == 0 && last()->code == ZM_ERR_LIMIT);
+    CHECK(gpa_destroy(g) == ZM_OK);
 
     /* a block larger than the whole quarantine is still held: its double free is caught */
     g = make(true, 4096, SIZE_MAX);
-    uintptr_t huge = zm_gpa_py_alloc(g, 1u << 20, 16, 1);
-    CHECK(zm_gpa_py_free(g, huge, 1u << 20, 16, 2) == ZM_OK);
-    CHECK(zm_gpa_py_free(g, huge, 1u << 20, 16, 3) == ZM_ERR_DOUBLE_FREE);
-    CHECK(zm_gpa_destroy(g) == ZM_OK);
+    uintptr_t huge = gpa_alloc(g, 1u << 20, 16, 1);
+    CHECK(gpa_free(g, huge, 1u << 20, 16, 2) == ZM_OK);
+    CHECK(gpa_free(g, huge, 1u << 20, 16, 3) == ZM_ERR_DOUBLE_FREE);
+    CHECK(gpa_destroy(g) == ZM_OK);
 
     g = make(true, 1 << 20, SIZE_MAX);
-    CHECK(zm_gpa_py_alloc(g, SIZE_MAX - 8, 16, 1) == 0 && last()->code == ZM_ERR_TOO_LARGE);
-    uintptr_t big = zm_gpa_py_alloc(g, 3u << 20, 2u << 20, 1); /* large, over-aligned */
+    CHECK(gpa_alloc(g, SIZE_MAX - 8, 16, 1) == 0 && last()->code == ZM_ERR_TOO_LARGE);
+    uintptr_t big = gpa_alloc(g, 3u << 20, 2u << 20, 1); /* large, over-aligned */
     CHECK(big && (big & ((2u << 20) - 1)) == 0);
     ((char *)big)[(3u << 20) + 3] = 1;
-    CHECK(zm_gpa_py_free(g, big, 3u << 20, 2u << 20, 2) == ZM_ERR_OVERFLOW);
-    CHECK(zm_gpa_destroy(g) == ZM_OK);
+    CHECK(gpa_free(g, big, 3u << 20, 2u << 20, 2) == ZM_ERR_OVERFLOW);
+    CHECK(gpa_destroy(g) == ZM_OK);
 }
 
 static zm_gpa_t *shared;
@@ -161,7 +205,7 @@ static uintptr_t contested;
 static int outcomes[2];
 
 static void *free_contested(void *arg) {
-    outcomes[(intptr_t)arg] = zm_gpa_py_free(shared, contested, 128, 16, 1);
+    outcomes[(intptr_t)arg] = gpa_free(shared, contested, 128, 16, 1);
     return NULL;
 }
 
@@ -169,10 +213,10 @@ static void *churn(void *arg) {
     (void)arg;
     for (int i = 0; i < 3000; i++) {
         size_t n = 16 + (size_t)i * 97 % 4000;
-        uintptr_t p = zm_gpa_py_alloc(shared, n, 16, 1);
+        uintptr_t p = gpa_alloc(shared, n, 16, 1);
         if (!p) return (void *)1;
         memset((void *)p, 1, n);
-        if (zm_gpa_py_free(shared, p, n, 16, 2) != ZM_OK) return (void *)1;
+        if (gpa_free(shared, p, n, 16, 2) != ZM_OK) return (void *)1;
     }
     return NULL;
 }
@@ -180,7 +224,7 @@ static void *churn(void *arg) {
 static void test_threads(void) {
     shared = make(true, 1 << 20, SIZE_MAX);
     for (int round = 0; round < 50; round++) {
-        contested = zm_gpa_py_alloc(shared, 128, 16, 1);
+        contested = gpa_alloc(shared, 128, 16, 1);
         pthread_t t[2];
         for (intptr_t i = 0; i < 2; i++) pthread_create(&t[i], NULL, free_contested, (void *)i);
         for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
@@ -198,7 +242,7 @@ static void test_threads(void) {
     zm_gpa_stats_t s;
     zm_gpa_stats(shared, &s);
     CHECK(s.live_count == 0 && s.live_bytes == 0);
-    CHECK(zm_gpa_destroy(shared) == ZM_OK);
+    CHECK(gpa_destroy(shared) == ZM_OK);
 }
 
 static void test_vtable_composition(void) {
@@ -217,7 +261,7 @@ static void test_vtable_composition(void) {
     zm_free(ga, p, 50, 16);
     zm_free(ga, p, 50, 16); /* double free through the vtable */
     CHECK(zm_gpa_check(g) == ZM_ERR_DOUBLE_FREE);
-    CHECK(zm_gpa_destroy(g) == ZM_OK);
+    CHECK(gpa_destroy(g) == ZM_OK);
 }
 
 /* Random alloc / resize / realloc / free against a model, as the Python state machine does,
@@ -249,7 +293,7 @@ static void test_random_model(bool safety) {
         size_t n = RAND() % 3 ? RAND() % 300 : RAND() % 70000;
         size_t align = (size_t)1 << (RAND() % 17);
         if (!s->len) {
-            s->p = zm_gpa_py_alloc(g, n, align, 1);
+            s->p = gpa_alloc(g, n, align, 1);
             CHECK(s->p != 0 && (s->p & (align - 1)) == 0);
             s->len = n;
             s->align = align;
@@ -259,11 +303,11 @@ static void test_random_model(bool safety) {
         CHECK(holds(s, s->len));
         switch (RAND() % 3) {
         case 0:
-            CHECK(zm_gpa_py_free(g, s->p, s->len, s->align, 2) == ZM_OK);
+            CHECK(gpa_free(g, s->p, s->len, s->align, 2) == ZM_OK);
             s->len = 0;
             break;
         case 1: {
-            int ok = zm_gpa_py_resize(g, s->p, s->len, s->align, n);
+            int ok = gpa_resize(g, s->p, s->len, s->align, n);
             CHECK(ok >= 0);
             if (ok == 1) {
                 CHECK(holds(s, s->len < n ? s->len : n));
@@ -273,7 +317,7 @@ static void test_random_model(bool safety) {
             break;
         }
         default: {
-            uintptr_t q = zm_gpa_py_realloc(g, s->p, s->len, s->align, n, 3);
+            uintptr_t q = gpa_realloc(g, s->p, s->len, s->align, n, 3);
             CHECK(q != 0);
             s->p = q;
             CHECK(holds(s, s->len < n ? s->len : n));
@@ -284,10 +328,10 @@ static void test_random_model(bool safety) {
         if (step % 1000 == 0) CHECK(zm_gpa_check(g) == ZM_OK);
     }
     for (int i = 0; i < 64; i++)
-        if (slots[i].len) CHECK(zm_gpa_py_free(g, slots[i].p, slots[i].len, slots[i].align, 4) == ZM_OK);
+        if (slots[i].len) CHECK(gpa_free(g, slots[i].p, slots[i].len, slots[i].align, 4) == ZM_OK);
     zm_report_t none[1];
     CHECK(zm_gpa_leaks(g, none, 1) == 0);
-    CHECK(zm_gpa_destroy(g) == ZM_OK);
+    CHECK(gpa_destroy(g) == ZM_OK);
 #undef RAND
 }
 

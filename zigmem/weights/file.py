@@ -14,6 +14,7 @@ from .._residency import resident_bytes
 from ..errors import InvalidArgumentError, UseAfterFreeError, WeightFormatError
 from . import gguf, safetensors
 from .info import TensorInfo
+from .quantized_matrix import QuantizedMatrix, dequantize_bytes, type_id
 
 _ADVICE = {None: 0, "sequential": 1, "random": 2, "willneed": 3}
 
@@ -90,24 +91,36 @@ class WeightFile(Mapping):
     def dequantize(self, name: str, allocator=None) -> np.ndarray:
         """``name`` as float32, in numpy axis order, in memory from ``allocator``.
 
-        Handles F32, F16, BF16, Q4_0, Q4_1 and Q8_0 with C kernels, bit-exact against
-        ``gguf.quants.dequantize``. The array frees into ``allocator`` when it dies.
-        """
-        from ..page_allocator import page_allocator
+        Handles F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+        and IQ4_NL with C kernels, bit-exact against ``gguf.quants.dequantize``. The array
+        frees into ``allocator`` (default: the page allocator) when it dies.
 
+        Raises:
+            InvalidArgumentError: another type (naming it).
+        """
         info = self._info(name)
-        ggml = _GGML_OF.get(info.dtype)
-        if ggml is None:
-            raise InvalidArgumentError(f"cannot dequantize {name}: {info.dtype} is not supported "
-                                       "(F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)")
+        ggml = type_id(info.dtype, f"cannot dequantize {name}")
         src = self._live_root()[info.offset: info.offset + info.nbytes]
-        with (allocator or page_allocator).numpy():
-            out = np.empty(info.shape, np.float32)
-        n = out.size
-        if n and lib.zm_dequantize(ggml, ffi.cast("void *", src.ctypes.data),
-                                   n, ffi.cast("float *", out.ctypes.data)):
-            raise WeightFormatError(f"{name}: cannot dequantize {n} elements of {info.dtype}")
-        return out
+        return dequantize_bytes(ggml, src, info.shape, allocator, name)
+
+    def matrix(self, name: str) -> QuantizedMatrix:
+        """A zero-copy :class:`QuantizedMatrix` over the 2-D tensor ``name``.
+
+        It computes ``matmul`` and ``rows`` from the mapped blocks and holds the mapping,
+        so it keeps working after ``close()``.
+
+        Raises:
+            KeyError: no such tensor.
+            InvalidArgumentError: not 2-D, or a type without kernels (naming it).
+            UseAfterFreeError: the file was closed.
+
+        Example:
+            >>> q = w.matrix("blk.0.ffn_down.weight")
+            >>> y = q.matmul(x)
+        """
+        info = self._info(name)
+        src = self._live_root()[info.offset: info.offset + info.nbytes]
+        return QuantizedMatrix(name, info.dtype, info.shape, src)
 
     # ------------------------------------------------------------ residency and lifetime
 
@@ -139,10 +152,6 @@ class WeightFile(Mapping):
     def __repr__(self) -> str:
         state = "closed" if self._root is None else f"{len(self)} tensors"
         return f"<WeightFile {self.format} {self.path} {state}>"
-
-
-_GGML_OF = {"F32": lib.ZM_GGML_F32, "F16": lib.ZM_GGML_F16, "BF16": lib.ZM_GGML_BF16,
-            "Q4_0": lib.ZM_GGML_Q4_0, "Q4_1": lib.ZM_GGML_Q4_1, "Q8_0": lib.ZM_GGML_Q8_0}
 
 
 def load_weights(path, *, format: str | None = None, advice: str | None = None,

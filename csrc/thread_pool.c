@@ -1,0 +1,261 @@
+/* thread_pool.c — the core's own worker threads, for the matrix kernels.
+ *
+ * One process-wide pool. A job is n_tasks calls of fn(arg, task, worker): the caller takes
+ * part as worker 0 and the workers 1..threads-1 take tasks from one atomic counter, so an
+ * idle core picks up what a descheduled one left. Which worker runs a task never changes a
+ * result: the kernels give each task its own output rows.
+ *
+ * Hand-off has to be cheap (a decode step runs ~200 jobs of tens of microseconds): the
+ * caller publishes a job by bumping a generation word; workers spin on it for a while after
+ * each job and only then sleep on a futex, so back-to-back jobs never pay a system call. The
+ * caller waits for the last worker the same way. A futex wake is issued only when someone
+ * actually sleeps (a sleeper count, checked with sequentially consistent atomics on both
+ * sides, so a wake is never lost).
+ *
+ * One job at a time: `submit` serialises callers (two Python threads calling matmul at once
+ * take turns; each gets its own results). Scratch is per worker, grown before a job starts
+ * from the allocator Python hands us (a counting allocator the memory report shows), so a
+ * task never allocates. Workers block every signal: Ctrl-C reaches the Python thread.
+ *
+ * fork(): pthread_atfork takes `submit` around the fork, so the child never inherits a job
+ * in flight; the child has no workers (threads do not survive fork) and starts new ones on
+ * its first job. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define MAX_THREADS 256
+#define SPIN_ROUNDS 4000 /* ~50-100 microseconds of pause before sleeping */
+#define SCRATCH_ALIGN 64
+
+typedef struct {
+    void *ptr;
+    size_t len;
+} scratch_t;
+
+static struct {
+    pthread_mutex_t submit;
+    unsigned want;    /* threads per job, caller included; 0: not decided yet */
+    unsigned running; /* workers alive: ids 1..running */
+    pthread_t threads[MAX_THREADS];
+    uint32_t start_generation[MAX_THREADS];
+    scratch_t scratch[MAX_THREADS];
+    zm_allocator_t alloc;
+    bool has_alloc;
+    /* the job */
+    zm_task_fn fn;
+    void *arg;
+    size_t n_tasks;
+    size_t next;         /* next task to take */
+    uint32_t generation; /* futex word: bumped to publish a job (or to stop) */
+    uint32_t pending;    /* futex word: workers not yet done with the job */
+    int sleepers;        /* workers asleep on `generation` */
+    int caller_sleeping; /* the caller is asleep on `pending` */
+    int stop;
+} pool = {.submit = PTHREAD_MUTEX_INITIALIZER};
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void futex_wait(uint32_t *word, uint32_t expected) {
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+}
+
+static void futex_wake_all(uint32_t *word) {
+    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+static void run_tasks(unsigned worker) {
+    size_t n = pool.n_tasks;
+    for (;;) {
+        size_t t = __atomic_fetch_add(&pool.next, 1, __ATOMIC_RELAXED);
+        if (t >= n) return;
+        pool.fn(pool.arg, t, worker);
+    }
+}
+
+static void *worker_main(void *p) {
+    unsigned id = (unsigned)(uintptr_t)p;
+    uint32_t seen = pool.start_generation[id];
+    for (;;) {
+        uint32_t g;
+        int spins = 0;
+        while ((g = __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE)) == seen) {
+            if (spins++ < SPIN_ROUNDS) {
+                cpu_relax();
+                continue;
+            }
+            __atomic_add_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(&pool.generation, __ATOMIC_SEQ_CST) == seen)
+                futex_wait(&pool.generation, seen);
+            __atomic_sub_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+        }
+        seen = g;
+        if (__atomic_load_n(&pool.stop, __ATOMIC_ACQUIRE)) return NULL;
+        run_tasks(id);
+        if (__atomic_sub_fetch(&pool.pending, 1, __ATOMIC_SEQ_CST) == 0 &&
+            __atomic_load_n(&pool.caller_sleeping, __ATOMIC_SEQ_CST))
+            futex_wake_all(&pool.pending);
+    }
+}
+
+/* Publish a job (or a stop) to the running workers. */
+static void publish(void) {
+    __atomic_store_n(&pool.pending, pool.running, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&pool.generation, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST)) futex_wake_all(&pool.generation);
+}
+
+static void wait_workers(void) {
+    int spins = 0;
+    uint32_t left;
+    while ((left = __atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE)) != 0) {
+        if (spins++ < SPIN_ROUNDS) {
+            cpu_relax();
+            continue;
+        }
+        __atomic_store_n(&pool.caller_sleeping, 1, __ATOMIC_SEQ_CST);
+        left = __atomic_load_n(&pool.pending, __ATOMIC_SEQ_CST);
+        if (left) futex_wait(&pool.pending, left);
+        __atomic_store_n(&pool.caller_sleeping, 0, __ATOMIC_SEQ_CST);
+    }
+}
+
+static void stop_workers(void) {
+    if (!pool.running) return;
+    __atomic_store_n(&pool.stop, 1, __ATOMIC_RELEASE);
+    publish();
+    for (unsigned i = 1; i <= pool.running; i++) pthread_join(pool.threads[i], NULL);
+    pool.running = 0;
+    __atomic_store_n(&pool.stop, 0, __ATOMIC_RELEASE);
+}
+
+/* Start workers up to want - 1; fewer if the system refuses threads (jobs still run). */
+static void start_workers(void) {
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    while (pool.running + 1 < pool.want) {
+        unsigned id = pool.running + 1;
+        pool.start_generation[id] = __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE);
+        if (pthread_create(&pool.threads[id], NULL, worker_main, (void *)(uintptr_t)id) != 0) break;
+        pool.running = id;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+static void atfork_prepare(void) { pthread_mutex_lock(&pool.submit); }
+static void atfork_parent(void) { pthread_mutex_unlock(&pool.submit); }
+static void atfork_child(void) {
+    pool.running = 0;
+    pool.pending = 0;
+    pool.sleepers = 0;
+    pool.caller_sleeping = 0;
+    pool.stop = 0;
+    pthread_mutex_init(&pool.submit, NULL);
+}
+
+static void register_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
+
+static unsigned default_threads(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        int n = CPU_COUNT(&set);
+        if (n > 0) return n > MAX_THREADS ? MAX_THREADS : (unsigned)n;
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : (unsigned)n;
+}
+
+static void lock_pool(void) {
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&pool.submit);
+    if (!pool.want) pool.want = default_threads();
+}
+
+int zm_set_num_threads(unsigned n) {
+    if (n < 1 || n > MAX_THREADS) {
+        zm_fail(ZM_ERR_INVALID_ARG, n, MAX_THREADS, 0);
+        return ZM_ERR_INVALID_ARG;
+    }
+    lock_pool();
+    if (n != pool.want) {
+        stop_workers();
+        pool.want = n;
+    }
+    pthread_mutex_unlock(&pool.submit);
+    return ZM_OK;
+}
+
+unsigned zm_get_num_threads(void) {
+    lock_pool();
+    unsigned n = pool.want;
+    pthread_mutex_unlock(&pool.submit);
+    return n;
+}
+
+void zm_pool_set_allocator(const zm_allocator_t *a) {
+    lock_pool();
+    if (!pool.has_alloc) { /* the first allocator stays: scratch already handed out is its */
+        pool.alloc = *a;
+        pool.has_alloc = true;
+    }
+    pthread_mutex_unlock(&pool.submit);
+}
+
+void *zm_pool_scratch(unsigned worker) { return pool.scratch[worker].ptr; }
+
+static int reserve_scratch(unsigned workers, size_t bytes) {
+    if (!bytes) return ZM_OK;
+    if (!pool.has_alloc) {
+        zm_fail(ZM_ERR_INVALID_ARG, bytes, 0, 0);
+        return ZM_ERR_INVALID_ARG;
+    }
+    for (unsigned i = 0; i < workers; i++) {
+        scratch_t *s = &pool.scratch[i];
+        if (s->len >= bytes) continue;
+        zm_fail(ZM_OK, 0, 0, 0); /* allocators that fail without a report still get one */
+        void *p = zm_alloc(pool.alloc, bytes, SCRATCH_ALIGN);
+        if (!p) {
+            if (!zm_last_report()->code) zm_fail(ZM_ERR_OUT_OF_MEMORY, bytes, 0, 0);
+            return ZM_ERR_OUT_OF_MEMORY;
+        }
+        zm_free(pool.alloc, s->ptr, s->len, SCRATCH_ALIGN);
+        s->ptr = p;
+        s->len = bytes;
+    }
+    return ZM_OK;
+}
+
+int zm_pool_run(zm_task_fn fn, void *arg, size_t n_tasks, size_t scratch_bytes) {
+    if (!n_tasks) return ZM_OK;
+    lock_pool();
+    bool parallel = pool.want > 1 && n_tasks > 1;
+    if (parallel && pool.running + 1 != pool.want) start_workers();
+    parallel = parallel && pool.running > 0;
+    int status = reserve_scratch(parallel ? pool.running + 1 : 1, scratch_bytes);
+    if (status == ZM_OK) {
+        pool.fn = fn;
+        pool.arg = arg;
+        pool.n_tasks = n_tasks;
+        __atomic_store_n(&pool.next, 0, __ATOMIC_RELAXED);
+        if (parallel) publish();
+        run_tasks(0);
+        if (parallel) wait_workers();
+    }
+    pthread_mutex_unlock(&pool.submit);
+    return status;
+}

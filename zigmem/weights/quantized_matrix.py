@@ -1,0 +1,254 @@
+"""QuantizedMatrix: a 2-D weight read in place from its mapped file, multiplied by C kernels.
+
+``w.matrix(name)`` wraps the tensor's bytes in the mapping without copying them. ``matmul``
+computes ``x @ dequantize(W).T`` straight from the ggml blocks (csrc/quant_matmul.c): each
+task dequantizes a tile of W's rows into per-thread scratch, bit for bit as
+``gguf.quants``, and dots it against every row of x, in float32. ``rows`` dequantizes only
+the rows asked for (an embedding lookup).
+
+Determinism: every output element is one dot product whose summation order depends only on
+the number of columns and the kernel path, so results are bitwise equal for every thread
+count, and row i of an n-row matmul equals the 1-row matmul of x[i].
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from .._binding import ffi, lib, raise_failure
+from ..errors import InvalidArgumentError, WeightFormatError
+from .. import threads
+
+# ggml type name -> id, for the types with kernels (dequantize, matmul, rows).
+GGML_TYPE_IDS = {
+    "F32": lib.ZM_GGML_F32, "F16": lib.ZM_GGML_F16, "BF16": lib.ZM_GGML_BF16,
+    "Q4_0": lib.ZM_GGML_Q4_0, "Q4_1": lib.ZM_GGML_Q4_1, "Q5_0": lib.ZM_GGML_Q5_0,
+    "Q5_1": lib.ZM_GGML_Q5_1, "Q8_0": lib.ZM_GGML_Q8_0, "Q2_K": lib.ZM_GGML_Q2_K,
+    "Q3_K": lib.ZM_GGML_Q3_K, "Q4_K": lib.ZM_GGML_Q4_K, "Q5_K": lib.ZM_GGML_Q5_K,
+    "Q6_K": lib.ZM_GGML_Q6_K, "IQ4_NL": lib.ZM_GGML_IQ4_NL,
+}
+SUPPORTED_TYPES = tuple(GGML_TYPE_IDS)
+
+KERNEL_PATHS = {"portable": lib.ZM_KERNELS_PORTABLE, "avx2": lib.ZM_KERNELS_AVX2,
+                "avx512": lib.ZM_KERNELS_AVX512}
+_PATH_NAMES = {v: k for k, v in KERNEL_PATHS.items()}
+
+
+def type_id(dtype: str, what: str) -> int:
+    """The ggml id of a supported type, or InvalidArgumentError naming ``what`` and the type."""
+    try:
+        return GGML_TYPE_IDS[dtype]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"{what}: type {dtype} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
+        ) from None
+
+
+def dequantize_bytes(ggml: int, data: np.ndarray, shape: tuple, allocator, what: str) -> np.ndarray:
+    """``data`` (a tensor's bytes) as a float32 array of ``shape`` from ``allocator``."""
+    from ..page_allocator import page_allocator
+
+    with (allocator or page_allocator).numpy():
+        out = np.empty(shape, np.float32)
+    n = out.size
+    if n and lib.zm_dequantize(ggml, ffi.cast("void *", data.ctypes.data), n,
+                               ffi.cast("float *", out.ctypes.data)):
+        raise WeightFormatError(f"{what}: cannot dequantize {n} elements")
+    return out
+
+
+def kernel_path() -> str:
+    """The kernel path in use: "avx512", "avx2" or "portable" (see ZIGMEM_KERNELS)."""
+    return _PATH_NAMES[lib.zm_kernels_get()]
+
+
+def use_kernels(path: str) -> None:
+    """Force a kernel path for the whole process (tests cover every path this way).
+
+    Raises:
+        InvalidArgumentError: unknown path, or one this CPU cannot run.
+    """
+    if path not in KERNEL_PATHS:
+        raise InvalidArgumentError(f"kernel path must be one of {sorted(KERNEL_PATHS)}, not {path!r}")
+    if lib.zm_kernels_set(KERNEL_PATHS[path]):
+        raise InvalidArgumentError(f"this CPU cannot run the {path} kernels")
+
+
+def supported_kernel_paths() -> list[str]:
+    """The kernel paths this CPU can run."""
+    return [name for name, p in KERNEL_PATHS.items() if lib.zm_kernels_supported(p)]
+
+
+_forced = os.environ.get("ZIGMEM_KERNELS")
+if _forced and _forced not in supported_kernel_paths():
+    warnings.warn(f"ZIGMEM_KERNELS={_forced!r} is not a kernel path this CPU runs "
+                  f"({', '.join(supported_kernel_paths())}); using {kernel_path()}",
+                  RuntimeWarning, stacklevel=2)
+
+
+def _float32_array(value, what: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise InvalidArgumentError(f"{what} must be a numpy float32 array, not {type(value).__name__}")
+    if value.dtype != np.float32:
+        raise InvalidArgumentError(f"{what} must be float32, not {value.dtype} (convert it "
+                                   "explicitly: zigmem does not cast behind your back)")
+    if not value.flags.c_contiguous:
+        raise InvalidArgumentError(f"{what} must be C-contiguous")
+    return value
+
+
+class QuantizedMatrix:
+    """A 2-D weight of a weight file, read in place: ``matmul``, ``rows``, ``dequantize``.
+
+    Made by :meth:`WeightFile.matrix`. Holds the file's mapping, so it keeps working after
+    ``WeightFile.close()`` (the mapping goes when the last matrix and view die).
+
+    Attributes:
+        name: The tensor's name.
+        shape: ``(out_features, in_features)``, numpy order (GGUF dims reversed).
+        dtype: The type as the file names it ("Q4_K", "F16", ...).
+        nbytes: Bytes of the weight in the file.
+
+    Example:
+        >>> w = zm.load_weights("model.gguf")
+        >>> q = w.matrix("blk.0.attn_q.weight")
+        >>> y = q.matmul(x)                  # x: float32 [in] or [n, in]
+        >>> e = w.matrix("token_embd.weight").rows([1, 2, 3])
+    """
+
+    __slots__ = ("name", "shape", "dtype", "nbytes", "_type", "_data", "_ptr", "__weakref__")
+
+    def __init__(self, name: str, dtype: str, shape: tuple[int, int], data: np.ndarray) -> None:
+        self._type = type_id(dtype, f"matrix {name!r}")
+        if len(shape) != 2:
+            raise InvalidArgumentError(f"matrix {name!r}: a matrix has 2 dimensions, this "
+                                       f"tensor has shape {shape}")
+        self.name, self.dtype, self.shape = name, dtype, (int(shape[0]), int(shape[1]))
+        self._data = data.reshape(-1).view(np.uint8)  # holds the mapping
+        self.nbytes = self._data.size
+        self._ptr = ffi.cast("const void *", self._data.ctypes.data if self.nbytes else 0)
+
+    def matmul(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``x @ dequantize(W).T``, computed from the blocks with no dequantized copy of W.
+
+        Args:
+            x: float32, C-contiguous, shape ``[in_features]`` or ``[n, in_features]``.
+                Other dtypes are refused rather than cast.
+            out: Where to write: a C-contiguous float32 array of shape ``[out_features]`` or
+                ``[n, out_features]`` not overlapping ``x``. Default: a new array from
+                numpy (inside ``with arena.numpy():`` it lands in the arena).
+
+        Returns:
+            ``out``: float32 ``[out_features]`` or ``[n, out_features]``.
+
+        Raises:
+            InvalidArgumentError: wrong type, dtype, shape or layout of ``x`` or ``out``, or
+                ``out`` overlapping ``x`` (nothing is written).
+            OutOfMemoryError: the kernel scratch could not be allocated (nothing written).
+
+        Example:
+            >>> logits = w.matrix("output.weight").matmul(hidden)
+        """
+        rows, cols = self.shape
+        _float32_array(x, "x")
+        if x.ndim not in (1, 2) or x.shape[-1] != cols:
+            raise InvalidArgumentError(f"{self.name}: x must have shape [{cols}] or [n, {cols}] "
+                                       f"for a {rows}x{cols} matrix, not {list(x.shape)}")
+        n = 1 if x.ndim == 1 else x.shape[0]
+        shape = (rows,) if x.ndim == 1 else (n, rows)
+        if out is None:
+            out = np.empty(shape, np.float32)
+        else:
+            _float32_array(out, "out")
+            if out.shape != shape:
+                raise InvalidArgumentError(f"{self.name}: out must have shape {list(shape)}, "
+                                           f"not {list(out.shape)}")
+            if not out.flags.writeable:
+                raise InvalidArgumentError("out is read-only")
+            if np.may_share_memory(out, x) or np.may_share_memory(out, self._data):
+                raise InvalidArgumentError("out must not overlap x or the weight")
+        if out.size:
+            threads.scratch_allocator()  # hands the pool its allocator on first use
+            if lib.zm_quant_matmul(self._type, self._ptr, rows, cols,
+                                   ffi.cast("const float *", x.ctypes.data), n,
+                                   ffi.cast("float *", out.ctypes.data)):
+                raise_failure(f"{self.name}.matmul")
+        return out
+
+    def rows(self, ids, out: np.ndarray | None = None) -> np.ndarray:
+        """The dequantized rows ``ids`` (an embedding lookup); nothing else is read.
+
+        Args:
+            ids: An integer or an array-like of integers (any shape), each in
+                ``[0, out_features)``; negative ids are out of range, not wrapped.
+            out: Where to write: C-contiguous float32 of shape ``ids.shape + (in_features,)``.
+
+        Returns:
+            float32 array of shape ``ids.shape + (in_features,)``.
+
+        Raises:
+            InvalidArgumentError: non-integer ids, an id out of range (naming it), or a bad
+                ``out`` (nothing is written).
+
+        Example:
+            >>> hidden = w.matrix("token_embd.weight").rows(token_ids)
+        """
+        rows, cols = self.shape
+        ids_arr = np.asarray(ids)
+        if ids_arr.dtype.kind not in "iu" and (ids_arr.size or isinstance(ids, np.ndarray)):
+            # (an empty list is float64 to numpy: no ids, not a wrong type)
+            raise InvalidArgumentError(f"{self.name}: ids must be integers, not {ids_arr.dtype}")
+        shape = (*ids_arr.shape, cols)
+        if ids_arr.size:
+            lo, hi = ids_arr.min(), ids_arr.max()
+            if lo < 0 or hi >= rows:
+                bad = lo if lo < 0 else hi
+                raise InvalidArgumentError(f"{self.name}: row id {int(bad)} is out of range "
+                                           f"[0, {rows})")
+        flat = np.ascontiguousarray(ids_arr.reshape(-1), dtype=np.int64)
+        if out is None:
+            out = np.empty(shape, np.float32)
+        else:
+            _float32_array(out, "out")
+            if out.shape != shape:
+                raise InvalidArgumentError(f"{self.name}: out must have shape {list(shape)}, "
+                                           f"not {list(out.shape)}")
+            if not out.flags.writeable:
+                raise InvalidArgumentError("out is read-only")
+            if np.may_share_memory(out, self._data):
+                raise InvalidArgumentError("out must not overlap the weight")
+        if out.size:
+            if lib.zm_quant_rows(self._type, self._ptr, rows, cols,
+                                 ffi.cast("const int64_t *", flat.ctypes.data), flat.size,
+                                 ffi.cast("float *", out.ctypes.data)):
+                raise_failure(f"{self.name}.rows")
+        return out
+
+    def dequantize(self, allocator=None) -> np.ndarray:
+        """The whole matrix as float32 ``shape``, in memory from ``allocator``.
+
+        Bit-exact against ``gguf.quants.dequantize``; the array frees into ``allocator``
+        (default: the page allocator) when it dies.
+
+        Example:
+            >>> dense = q.dequantize(zm.CountingAllocator(name="dequantized weights"))
+        """
+        return dequantize_bytes(self._type, self._data, self.shape, allocator, self.name)
+
+    def __repr__(self) -> str:
+        return f"<QuantizedMatrix {self.name} {self.dtype} {self.shape[0]}x{self.shape[1]}>"
+
+    def __copy__(self):
+        raise TypeError("QuantizedMatrix cannot be copied: it shares its file's mapping; "
+                        "use the same object, or w.matrix(name) again")
+
+    def __deepcopy__(self, memo):
+        raise TypeError("QuantizedMatrix cannot be deep-copied: it reads its file's mapping; "
+                        "use dequantize() for an array you own")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("QuantizedMatrix cannot be pickled: it reads a mapped file; pickle "
+                        "the path and call load_weights(path).matrix(name) again")
