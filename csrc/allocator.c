@@ -1,6 +1,7 @@
 /* allocator.c — what every allocator shares: the per-thread failure report and call site,
  * realloc, and the spin lock's slow path. */
 #include <sched.h>
+#include <sys/resource.h>
 #include <string.h>
 
 #include "internal.h"
@@ -31,6 +32,13 @@ void *zm_realloc(zm_allocator_t a, void *ptr, size_t len, size_t align, size_t n
     memcpy(fresh, ptr, len < new_len ? len : new_len);
     a.vtable->free(a.ctx, ptr, len, align);
     return fresh;
+}
+
+/* The soft RLIMIT_MEMLOCK, for reports of a refused mlock (SIZE_MAX: unlimited). */
+size_t zm_memlock_limit(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_MEMLOCK, &rl) != 0) return 0;
+    return rl.rlim_cur == RLIM_INFINITY ? SIZE_MAX : (size_t)rl.rlim_cur;
 }
 
 /* ---------------------------------------------------------------- call sites */

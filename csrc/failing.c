@@ -9,7 +9,8 @@ static void *failing_alloc(void *ctx, size_t len, size_t align) {
     zm_failing_t *f = ctx;
     if (f->alloc_index == f->fail_index) {
         f->has_induced_failure = true;
-        zm_fail(ZM_ERR_INDUCED, len, f->fail_index, 0);
+        zm_fail(ZM_ERR_INDUCED, len, 0, 0);
+        zm_last_report()->index = f->fail_index;
         return NULL;
     }
     void *p = zm_child_alloc(f->child, len, align);
@@ -23,7 +24,8 @@ static void *failing_alloc(void *ctx, size_t len, size_t align) {
 static bool failing_resize_allowed(zm_failing_t *f, size_t new_len) {
     if (f->resize_index != f->resize_fail_index) return true;
     f->has_induced_failure = true;
-    zm_fail(ZM_ERR_INDUCED, new_len, f->resize_fail_index, 0);
+    zm_fail(ZM_ERR_INDUCED, new_len, 0, 0);
+    zm_last_report()->index = f->resize_fail_index;
     return false;
 }
 

@@ -368,7 +368,7 @@ static void report_block(zm_report_t *r, int code, const gpa_block_t *b) {
     r->code = code;
     r->address = b->addr;
     r->size = b->len;
-    r->expected = b->align;
+    r->alignment = b->align;
     r->alloc_site = b->alloc_site;
     r->free_site = b->free_site;
 }

@@ -20,6 +20,8 @@ static inline uintptr_t zm_align_addr(uintptr_t addr, size_t align) {
     return (addr + (align - 1)) & ~(uintptr_t)(align - 1);
 }
 
+size_t zm_memlock_limit(void);
+
 /* A spin lock for critical sections of a few nanoseconds (a bump, a list link). A waiter
  * yields after a short spin, so a holder in a slow path (an mmap) does not starve it. */
 void zm_spin_wait(int *lock);
@@ -82,5 +84,8 @@ zm_dequant_fn zm_dequant_kernel_avx512(uint32_t type);
 typedef void (*zm_fused_fn)(const uint8_t *const *w, unsigned nw, size_t blocks,
                             const float *x, float *acc);
 zm_fused_fn zm_fused_kernel_avx512(uint32_t type);
+/* The AVX2 twins (dequant_avx2.c): 8-lane accumulators, in the same layout. */
+zm_dequant_fn zm_dequant_kernel_avx2(uint32_t type);
+zm_fused_fn zm_fused_kernel_avx2(uint32_t type);
 
 #endif

@@ -5,30 +5,33 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
 
-static size_t memlock_limit(void) {
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_MEMLOCK, &rl) != 0) return 0;
-    return rl.rlim_cur == RLIM_INFINITY ? SIZE_MAX : (size_t)rl.rlim_cur;
-}
 
 int zm_map_file(const char *path, unsigned flags, int advice, zm_mapping_t *out) {
-    static const int advices[] = {0, MADV_SEQUENTIAL, MADV_RANDOM, MADV_WILLNEED};
+    static const int advices[] = {
+        [ZM_ADVICE_NONE] = 0, [ZM_ADVICE_SEQUENTIAL] = MADV_SEQUENTIAL,
+        [ZM_ADVICE_RANDOM] = MADV_RANDOM, [ZM_ADVICE_WILLNEED] = MADV_WILLNEED};
     out->addr = 0;
     out->size = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         zm_fail(ZM_ERR_INVALID_ARG, 0, 0, errno);
         return ZM_ERR_INVALID_ARG;
     }
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        zm_fail(ZM_ERR_INVALID_ARG, 0, 0, errno ? errno : EINVAL);
+    if (fstat(fd, &st) != 0) {
+        zm_fail(ZM_ERR_INVALID_ARG, 0, 0, errno);
+        close(fd);
+        return ZM_ERR_INVALID_ARG;
+    }
+    if (!S_ISREG(st.st_mode)) { /* a directory is EISDIR, as open() says; others: their type */
+        zm_fail(ZM_ERR_INVALID_ARG, 0, 0, S_ISDIR(st.st_mode) ? EISDIR : 0);
+        zm_last_report()->detail = (int)(st.st_mode & S_IFMT);
         close(fd);
         return ZM_ERR_INVALID_ARG;
     }
@@ -50,9 +53,9 @@ int zm_map_file(const char *path, unsigned flags, int advice, zm_mapping_t *out)
         zm_fail(ZM_ERR_OUT_OF_MEMORY, size, 0, err);
         return ZM_ERR_OUT_OF_MEMORY;
     }
-    if (advice > 0 && advice < 4) (void)madvise(p, size, advices[advice]);
+    if (advice > ZM_ADVICE_NONE && advice <= ZM_ADVICE_WILLNEED) (void)madvise(p, size, advices[advice]);
     if ((flags & ZM_MAP_LOCK) && mlock(p, size) != 0) {
-        zm_fail(ZM_ERR_MLOCK, size, memlock_limit(), errno);
+        zm_fail(ZM_ERR_MLOCK, size, zm_memlock_limit(), errno);
         munmap(p, size);
         return ZM_ERR_MLOCK;
     }

@@ -7,7 +7,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -18,18 +17,12 @@ size_t zm_page_size(void) {
     return page;
 }
 
-static size_t memlock_limit(void) {
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_MEMLOCK, &rl) != 0) return 0;
-    return rl.rlim_cur == RLIM_INFINITY ? SIZE_MAX : (size_t)rl.rlim_cur;
-}
-
 /* Apply the allocator's options to freshly mapped [p, p + len). False: mlock refused, the
  * caller unmaps. */
 static bool page_prepare(const zm_page_t *pa, void *p, size_t len) {
     if (pa->flags & ZM_PAGE_HUGE_PAGES) (void)madvise(p, len, MADV_HUGEPAGE);
     if ((pa->flags & ZM_PAGE_LOCK) && mlock(p, len) != 0) {
-        zm_fail(ZM_ERR_MLOCK, len, memlock_limit(), errno);
+        zm_fail(ZM_ERR_MLOCK, len, zm_memlock_limit(), errno);
         return false;
     }
     return true;

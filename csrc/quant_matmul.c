@@ -15,7 +15,7 @@
  * Both schedules feed an accumulator the same products in the same order (chunks are
  * multiples of L, and the accumulator state is carried exactly between chunks), blocking
  * never mixes two elements' sums, and dequantized values are the same floats on every path
- * (dequant.c, dequant_avx512.c). So the bits of an element depend only on the columns and
+ * (dequant.c, dequant_avx2.c, dequant_avx512.c). So the bits of an element depend only on the columns and
  * the kernel path: not on n, not on which rows share a task, not on the thread count.
  *
  * Kernel paths are chosen at run time: AVX-512 and AVX2 + FMA functions are compiled with
@@ -164,7 +164,8 @@ static TARGET_AVX512 void accumulate_avx512(const float *const *w, unsigned nw, 
 
 static const kernels_t paths[] = {
     [ZM_KERNELS_PORTABLE] = {"portable", accumulate_portable, 8, 4, zm_dequant_kernel, NULL},
-    [ZM_KERNELS_AVX2] = {"avx2", accumulate_avx2, 8, 2, zm_dequant_kernel, NULL},
+    [ZM_KERNELS_AVX2] = {"avx2", accumulate_avx2, 8, 2, zm_dequant_kernel_avx2,
+                         zm_fused_kernel_avx2},
     [ZM_KERNELS_AVX512] = {"avx512", accumulate_avx512, 16, 4, zm_dequant_kernel_avx512,
                            zm_fused_kernel_avx512},
 };
@@ -312,6 +313,11 @@ static void matmul_task(void *arg, size_t task, unsigned worker) {
  * costs more than it saves. */
 #define PARALLEL_MIN_WORK (1u << 16)
 
+static bool overlaps(const void *a, size_t a_len, const void *b, size_t b_len) {
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return a_len && b_len && x < y + b_len && y < x + a_len;
+}
+
 int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, const float *x,
                     size_t n, float *out) {
     uint32_t block, bytes;
@@ -320,6 +326,17 @@ int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, cons
         return ZM_ERR_INVALID_ARG;
     }
     if (!rows || !n) return ZM_OK;
+    size_t row_bytes = cols / block * bytes, x_bytes, out_bytes, w_bytes;
+    if (__builtin_mul_overflow(n * 4, cols, &x_bytes) || __builtin_mul_overflow(n * 4, rows, &out_bytes) ||
+        __builtin_mul_overflow(rows, row_bytes, &w_bytes) || n > SIZE_MAX / 4) {
+        zm_fail(ZM_ERR_TOO_LARGE, n, 0, 0);
+        return ZM_ERR_TOO_LARGE;
+    }
+    /* out must not overlap what is read while it is written (report.limit = 1 says so) */
+    if (overlaps(out, out_bytes, x, x_bytes) || overlaps(out, out_bytes, w, w_bytes)) {
+        zm_fail(ZM_ERR_INVALID_ARG, out_bytes, 1, 0);
+        return ZM_ERR_INVALID_ARG;
+    }
     size_t scratch_row;
     if (__builtin_mul_overflow(cols, sizeof(float), &scratch_row)) {
         zm_fail(ZM_ERR_TOO_LARGE, cols, 0, 0);
@@ -328,7 +345,7 @@ int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, cons
     const kernels_t *k = &paths[zm_kernels_get()];
     matmul_job_t job = {
         .dequant = k->dequant(type), .k = k, .w = w, .rows = rows, .cols = cols,
-        .row_bytes = cols / block * bytes, .block = block, .block_bytes = bytes, .x = x,
+        .row_bytes = row_bytes, .block = block, .block_bytes = bytes, .x = x,
         .n = n, .out = out, .in_place = type == ZM_GGML_F32, .stream = n <= k->max_nx,
     };
     /* Streaming: tasks of 16 rows spread over the threads. Tiles: the largest that fits

@@ -1,16 +1,18 @@
 /* thread_pool.c — the core's own worker threads, for the matrix kernels.
  *
  * One process-wide pool. A job is n_tasks calls of fn(arg, task, worker): the caller takes
- * part as worker 0 and the workers 1..threads-1 take tasks from one atomic counter, so an
+ * part as worker 0 and the workers 1..threads-1 claim tasks from one atomic counter, so an
  * idle core picks up what a descheduled one left. Which worker runs a task never changes a
  * result: the kernels give each task its own output rows.
  *
  * Hand-off has to be cheap (a decode step runs ~200 jobs of tens of microseconds): the
  * caller publishes a job by bumping a generation word; workers spin on it for a while after
- * each job and only then sleep on a futex, so back-to-back jobs never pay a system call. The
- * caller waits for the last worker the same way. A futex wake is issued only when someone
- * actually sleeps (a sleeper count, checked with sequentially consistent atomics on both
- * sides, so a wake is never lost).
+ * each job and only then sleep on a futex, so back-to-back jobs never pay a system call.
+ * The caller waits for finished tasks, not for workers: on a busy machine a worker that
+ * has not been scheduled yet costs nothing (the caller runs its share), and one that wakes
+ * late finds the job's generation gone and claims nothing. A futex wake is issued only
+ * when someone actually sleeps (a sleeper flag, checked with sequentially consistent
+ * atomics on both sides, so a wake is never lost).
  *
  * One job at a time: `submit` serialises callers (two Python threads calling matmul at once
  * take turns; each gets its own results). Scratch is per worker, grown before a job starts
@@ -41,6 +43,14 @@ typedef struct {
     size_t len;
 } scratch_t;
 
+/* A job, in one of two slots: a late worker may still read the slot of the job before
+ * the current one, and must find it intact (see claim). */
+typedef struct {
+    zm_task_fn fn;
+    void *arg;
+    size_t n_tasks;
+} job_t;
+
 static struct {
     pthread_mutex_t submit;
     unsigned want;    /* threads per job, caller included; 0: not decided yet */
@@ -50,15 +60,12 @@ static struct {
     scratch_t scratch[MAX_THREADS];
     zm_allocator_t alloc;
     bool has_alloc;
-    /* the job */
-    zm_task_fn fn;
-    void *arg;
-    size_t n_tasks;
-    size_t next;         /* next task to take */
+    job_t jobs[2];       /* job g lives in jobs[g & 1] */
+    uint64_t claim;      /* generation << 32 | next task: tasks are claimed with a CAS on it */
     uint32_t generation; /* futex word: bumped to publish a job (or to stop) */
-    uint32_t pending;    /* futex word: workers not yet done with the job */
+    uint32_t done;       /* futex word: tasks finished in the current job */
     int sleepers;        /* workers asleep on `generation` */
-    int caller_sleeping; /* the caller is asleep on `pending` */
+    int caller_sleeping; /* the caller is asleep on `done` */
     int stop;
 } pool = {.submit = PTHREAD_MUTEX_INITIALIZER};
 
@@ -78,12 +85,34 @@ static void futex_wake_all(uint32_t *word) {
     syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
 
-static void run_tasks(unsigned worker) {
-    size_t n = pool.n_tasks;
+/* Claim the next task of job `gen`; false when it has none left or is no longer current.
+ * The generation in `claim` makes a late worker harmless: its CAS fails once the caller
+ * has moved on, and until then the job it read cannot have been replaced (the caller
+ * waits for every task of a job before publishing the next, and writes the other slot). */
+static bool claim(uint32_t gen, size_t *task) {
+    uint64_t c = __atomic_load_n(&pool.claim, __ATOMIC_ACQUIRE);
     for (;;) {
-        size_t t = __atomic_fetch_add(&pool.next, 1, __ATOMIC_RELAXED);
-        if (t >= n) return;
-        pool.fn(pool.arg, t, worker);
+        if ((uint32_t)(c >> 32) != gen) return false;
+        uint32_t next = (uint32_t)c;
+        /* atomic: a caller two jobs ahead may be rewriting this slot (then the CAS fails) */
+        if (next >= __atomic_load_n(&pool.jobs[gen & 1].n_tasks, __ATOMIC_RELAXED)) return false;
+        if (__atomic_compare_exchange_n(&pool.claim, &c, c + 1, true, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE)) {
+            *task = next;
+            return true;
+        }
+    }
+}
+
+/* Run tasks of job `gen` until none is left; each finished task is counted in `done`. */
+static void run_tasks(uint32_t gen, unsigned worker) {
+    const job_t *job = &pool.jobs[gen & 1];
+    size_t t;
+    while (claim(gen, &t)) {
+        job->fn(job->arg, t, worker);
+        if (__atomic_add_fetch(&pool.done, 1, __ATOMIC_SEQ_CST) == job->n_tasks &&
+            __atomic_load_n(&pool.caller_sleeping, __ATOMIC_SEQ_CST))
+            futex_wake_all(&pool.done);
     }
 }
 
@@ -105,31 +134,33 @@ static void *worker_main(void *p) {
         }
         seen = g;
         if (__atomic_load_n(&pool.stop, __ATOMIC_ACQUIRE)) return NULL;
-        run_tasks(id);
-        if (__atomic_sub_fetch(&pool.pending, 1, __ATOMIC_SEQ_CST) == 0 &&
-            __atomic_load_n(&pool.caller_sleeping, __ATOMIC_SEQ_CST))
-            futex_wake_all(&pool.pending);
+        run_tasks(g, id);
     }
 }
 
-/* Publish a job (or a stop) to the running workers. */
-static void publish(void) {
-    __atomic_store_n(&pool.pending, pool.running, __ATOMIC_SEQ_CST);
-    __atomic_add_fetch(&pool.generation, 1, __ATOMIC_SEQ_CST);
+/* Publish the next generation: a job (already in its slot), or a stop. */
+static uint32_t publish(void) {
+    uint32_t gen = pool.generation + 1;
+    __atomic_store_n(&pool.done, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.claim, (uint64_t)gen << 32, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.generation, gen, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST)) futex_wake_all(&pool.generation);
+    return gen;
 }
 
-static void wait_workers(void) {
+/* Wait until every task of the job is finished: only workers that claimed a task are
+ * waited for, never one that has not woken up yet (the caller ran what it left). */
+static void wait_done(size_t n_tasks) {
     int spins = 0;
-    uint32_t left;
-    while ((left = __atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE)) != 0) {
+    uint32_t done;
+    while ((done = __atomic_load_n(&pool.done, __ATOMIC_ACQUIRE)) != n_tasks) {
         if (spins++ < SPIN_ROUNDS) {
             cpu_relax();
             continue;
         }
         __atomic_store_n(&pool.caller_sleeping, 1, __ATOMIC_SEQ_CST);
-        left = __atomic_load_n(&pool.pending, __ATOMIC_SEQ_CST);
-        if (left) futex_wait(&pool.pending, left);
+        done = __atomic_load_n(&pool.done, __ATOMIC_SEQ_CST);
+        if (done != n_tasks) futex_wait(&pool.done, done);
         __atomic_store_n(&pool.caller_sleeping, 0, __ATOMIC_SEQ_CST);
     }
 }
@@ -161,7 +192,6 @@ static void atfork_prepare(void) { pthread_mutex_lock(&pool.submit); }
 static void atfork_parent(void) { pthread_mutex_unlock(&pool.submit); }
 static void atfork_child(void) {
     pool.running = 0;
-    pool.pending = 0;
     pool.sleepers = 0;
     pool.caller_sleeping = 0;
     pool.stop = 0;
@@ -242,19 +272,25 @@ static int reserve_scratch(unsigned workers, size_t bytes) {
 
 int zm_pool_run(zm_task_fn fn, void *arg, size_t n_tasks, size_t scratch_bytes) {
     if (!n_tasks) return ZM_OK;
+    if (n_tasks > UINT32_MAX) {
+        zm_fail(ZM_ERR_TOO_LARGE, n_tasks, UINT32_MAX, 0);
+        return ZM_ERR_TOO_LARGE;
+    }
     lock_pool();
     bool parallel = pool.want > 1 && n_tasks > 1;
     if (parallel && pool.running + 1 != pool.want) start_workers();
     parallel = parallel && pool.running > 0;
     int status = reserve_scratch(parallel ? pool.running + 1 : 1, scratch_bytes);
-    if (status == ZM_OK) {
-        pool.fn = fn;
-        pool.arg = arg;
-        pool.n_tasks = n_tasks;
-        __atomic_store_n(&pool.next, 0, __ATOMIC_RELAXED);
-        if (parallel) publish();
-        run_tasks(0);
-        if (parallel) wait_workers();
+    if (status == ZM_OK && !parallel) {
+        for (size_t t = 0; t < n_tasks; t++) fn(arg, t, 0);
+    } else if (status == ZM_OK) {
+        job_t *job = &pool.jobs[(pool.generation + 1) & 1];
+        job->fn = fn;
+        job->arg = arg;
+        __atomic_store_n(&job->n_tasks, n_tasks, __ATOMIC_RELAXED);
+        uint32_t gen = publish();
+        run_tasks(gen, 0);
+        wait_done(n_tasks);
     }
     pthread_mutex_unlock(&pool.submit);
     return status;

@@ -180,9 +180,12 @@ def test_every_kernel_path_is_correct_and_batch_invariant(model, name, path, ker
     q = model.matrix(name)
     x = RNG.standard_normal((9, q.shape[1])).astype(np.float32)
     y = q.matmul(x)
-    assert_close(y, x, reference(model, name))
+    dense = reference(model, name)
+    assert_close(y, x, dense)
     for i in range(9):
         assert q.matmul(x[i]).tobytes() == y[i].tobytes()
+    # rows dequantizes with the path's own (SIMD) code: still bit-exact
+    assert q.rows(np.arange(q.shape[0])).tobytes() == dense.tobytes()
 
 
 def test_the_environment_variable_forces_a_path():
@@ -431,3 +434,21 @@ def test_a_forked_child_computes_with_fresh_workers(model, threads):
     os.waitpid(pid, 0)
     assert answer == b"1"
     assert q.matmul(x).tobytes() == expected
+
+
+def test_out_overlapping_a_writable_mapping_of_the_weight_is_refused(model):
+    with zm.load_weights(model.path, writable=True) as w:
+        q = w.matrix("F32_odd")  # 9 x 67, float32 in the copy-on-write mapping
+        inside = np.asarray(w["F32_odd"]).reshape(-1)[:9]
+        before = inside.copy()
+        with pytest.raises(zm.InvalidArgumentError, match="overlap"):
+            q.matmul(np.ones(67, np.float32), out=inside)
+        with pytest.raises(zm.InvalidArgumentError, match="overlap"):
+            q.rows([0], out=np.asarray(w["F32_odd"])[1:2])
+        assert inside.tobytes() == before.tobytes()
+
+
+def test_zero_rows_of_x_and_empty_matrices(model):
+    q = model.matrix("Q8_0")
+    assert q.matmul(np.ones((0, COLS), np.float32)).shape == (0, ROWS)
+    assert q.rows(np.array([], np.int64)).shape == (0, COLS)

@@ -1,7 +1,10 @@
 """load_weights on GGUF: files by the real gguf writer, checked against GGUFReader; the
 dequantize kernels bit-exact against gguf.quants; hostile files built byte by byte."""
 
+import copy
+import pickle
 import struct
+import threading
 
 import gguf
 import numpy as np
@@ -13,6 +16,7 @@ from hypothesis import strategies as st
 
 import zigmem as zm
 from zigmem._binding import ffi, lib
+from weights_leaks import held
 
 RNG = np.random.default_rng(0)
 
@@ -93,6 +97,75 @@ def test_metadata_matches_gguf_reader(reference):
             else:
                 assert got == expected, field.name
         assert md["t.str"] == "naïve ✓" and md["t.bool"] is True and md["t.nested"] == [[1, 2], [3]]
+        assert list(md) == ["GGUF.version"] + [f.name for f in reader.fields.values()
+                                               if not f.name.startswith("GGUF.")]
+
+
+def test_nested_arrays_decode_lazily(reference):
+    with zm.load_weights(reference) as w:
+        nested = w.metadata["t.nested"]
+        assert isinstance(nested, zm.weights.gguf.NestedArray) and len(nested) == 2
+        assert nested[1].tolist() == [3] and nested[-2][1] == 2 and nested.tolist() == [[1, 2], [3]]
+        assert nested[0:1] == [[1, 2]] and nested != [[1, 2], [4]] and "NestedArray" in repr(nested)
+        with pytest.raises(IndexError):
+            nested[2]
+        with pytest.raises(TypeError):
+            nested["0"]
+
+
+def test_metadata_misses_are_key_errors(reference):
+    with zm.load_weights(reference) as w:
+        for key in ("t.missing", 3, None, "\ud800", b"t.str"):
+            with pytest.raises(KeyError):
+                w.metadata[key]
+            assert key not in w.metadata
+        assert w.metadata.get("t.missing", 7) == 7 and len(w.metadata) == len(list(w.metadata))
+
+
+@pytest.mark.parametrize("how", [copy.copy, copy.deepcopy, pickle.dumps])
+def test_lazy_tables_and_arrays_refuse_copies_naming_their_type(reference, how):
+    with zm.load_weights(reference) as w:
+        md = w.metadata
+        for obj, name in [(md, "Metadata"), (w._infos, "TensorTable"),
+                          (md["t.tokens"], "StringArray"), (md["t.nested"], "NestedArray")]:
+            with pytest.raises(TypeError, match=f"a {name}: "):
+                how(obj)
+        assert pickle.loads(pickle.dumps(dict(md.items()) | {"t.tokens": md["t.tokens"].tolist(),
+                                                             "t.nested": md["t.nested"].tolist()}))
+
+
+def test_lookups_racing_close_see_data_or_use_after_free(reference):
+    names = list(zm.load_weights(reference))
+    errors = []
+
+    def read_all(w):
+        try:
+            for name in names:
+                w[name].tobytes()
+            for key in list(w.metadata):
+                value = w.metadata[key]
+                value.tolist() if hasattr(value, "tolist") else value
+        except zm.UseAfterFreeError:
+            pass
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    for _ in range(100):
+        w = zm.load_weights(reference)
+        thread = threading.Thread(target=read_all, args=(w,))
+        thread.start()
+        w.close()
+        thread.join()
+    assert errors == []
+
+
+def test_close_lets_go_of_the_mapping_even_while_metadata_is_held(reference):
+    w = zm.load_weights(reference)
+    md, tokens = w.metadata, w.metadata["t.tokens"]
+    w.close()
+    assert tokens[1] == "héllo"  # a value read before close stays readable (it holds a view)
+    with pytest.raises(zm.UseAfterFreeError):
+        md["t.str"]
 
 
 def test_custom_alignment_is_honoured(tmp_path):
@@ -181,6 +254,14 @@ HOSTILE = [
     (gguf_bytes(tensors=[(b"a", [8], F32, 0), (b"b", [8], F32, 0)], data=b"\0" * 32), "overlap"),
     (gguf_bytes(tensors=[(b"a", [4], F32, 0), (b"a", [4], F32, 32)], data=b"\0" * 48), "duplicate tensor name a"),
     (gguf_bytes(tensors=[(b"\xed\xa0\x80", [4], F32, 0)], data=b"\0" * 16), "UTF-8"),
+    (gguf_bytes(kvs=[(b"", 4, b"\0" * 4)]), "key-value #0: the key is empty"),
+    (gguf_bytes(kvs=[(b"k", 9, struct.pack("<IQ", 7, 2) + b"\1\2")]), "k: bool value 2"),
+    # numpy checks the product of the non-zero dims even when one dim is 0
+    (gguf_bytes(tensors=[(b"t", [2**62, 2**62, 0], F32, 0)]), "tensor t: its shape overflows"),
+    (gguf_bytes(tensors=[(b"t", [0, 2**62], F32, 0)]), "tensor t: its size overflows"),
+    (gguf_bytes(tensors=[(b"t", [2**61, 0, 4], 24, 0)]), "tensor t: its shape overflows"),
+    (gguf_bytes(n_kv=2**61, n_tensors=2**60), "cannot fit"),
+    (gguf_bytes(kvs=[(b"GGUF.version", 4, b"\0" * 4)]), "GGUF.version is reserved"),
 ]
 
 
@@ -212,9 +293,19 @@ def test_every_truncation_is_a_clear_error(reference, tmp_path):
     other.close()
 
 
+def touch_everything(w):
+    """Read every tensor and decode every metadata value, as a user might."""
+    for name in w:
+        w[name].tobytes()
+        w.info(name)
+    for value in w.metadata.values():
+        if isinstance(value, zm.weights.gguf.StringArray | zm.weights.gguf.NestedArray):
+            value.tolist()
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_fuzz_mutated_files_never_crash(reference, tmp_path, data):
+def test_fuzz_mutated_files_load_or_raise_format_errors_and_leak_nothing(reference, tmp_path, data):
     mutated = bytearray(reference.read_bytes())
     for _ in range(data.draw(st.integers(1, 8))):
         # most mutations in the header and tables, where the parser reads
@@ -222,11 +313,19 @@ def test_fuzz_mutated_files_never_crash(reference, tmp_path, data):
         mutated[pos] = data.draw(st.integers(0, 255))
     path = tmp_path / "fuzz.gguf"
     path.write_bytes(bytes(mutated))
+    descriptors = held()[1]
+    error = load_and_touch(path)
+    assert error is None or error.startswith(str(path))
+    assert held(path) == (0, descriptors)  # the mapping and the descriptor are gone
+
+
+def load_and_touch(path):
+    """None if ``path`` loads and every tensor and value reads; the message of its
+    WeightFormatError if not (any other exception fails the test). Nothing it made
+    outlives the call."""
     try:
         with zm.load_weights(path, format="gguf") as w:
-            for name in w:
-                w[name].tobytes()
-            for value in w.metadata.values():
-                list(value) if isinstance(value, zm.weights.gguf.StringArray) else value
-    except zm.WeightFormatError:
-        pass
+            touch_everything(w)  # a file that loads is whole: nothing in it may raise
+    except zm.WeightFormatError as e:
+        return str(e)
+    return None

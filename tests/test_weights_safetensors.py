@@ -1,7 +1,12 @@
 """load_weights on safetensors: the reference writer's files, byte for byte; hostile files."""
 
 import json
+import os
+import stat
 import struct
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ from hypothesis import strategies as st
 
 import zigmem as zm
 from helpers import has_capsh, run_under_memlock_limit
+from weights_leaks import held
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -154,6 +160,21 @@ HOSTILE = [
     (b'{"a": ', b"", None, "not valid JSON"),
     ({}, b"", 10**12, "exceeds"),
     ({}, b"", 10**6, "runs past the end"),
+    ({"__metadata__": []}, b"", None, "strings to strings"),
+    ({"__metadata__": "x"}, b"", None, "strings to strings"),
+    ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown dtype"),
+    ({"a": {"dtype": {"x": 1}, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown dtype"),
+    ({"a": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, b"\0" * 4, None,
+     "tensor 'a': 65 dimensions, numpy allows at most 64"),
+    ({"a": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}}, b"", None,
+     "tensor 'a': shape .* overflows"),
+    ({"a": {"dtype": "F32", "shape": [2**62, 0], "data_offsets": [0, 0]}}, b"", None, "overflows"),
+    ({"a": {"dtype": "U8", "shape": [2**62, 2, 0], "data_offsets": [0, 0]}}, b"", None, "overflows"),
+    (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"", None, "nested too deeply"),
+    (b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}', b"", None,
+     "not valid JSON"),
+    (b'{"a": NaN}', b"", None, "NaN is not a JSON value"),
+    (b'{"__metadata__": {"k": Infinity}}', b"", None, "Infinity"),
 ]
 
 
@@ -162,6 +183,37 @@ def test_hostile_headers_are_named_errors(tmp_path, header, data, length, error)
     path = raw_file(tmp_path, header, data, length)
     with pytest.raises(zm.WeightFormatError, match=error):
         zm.load_weights(path)
+
+
+def test_a_shape_numpy_can_just_view_loads(tmp_path):
+    # 64 dims, and a zero-size tensor whose other dims multiply to the largest intp
+    path = raw_file(tmp_path, {"a": {"dtype": "F32", "shape": [1] * 64, "data_offsets": [0, 4]},
+                               "b": {"dtype": "U8", "shape": [0, 2**63 - 1], "data_offsets": [4, 4]}},
+                    b"\0" * 4)
+    with zm.load_weights(path) as w:
+        assert w["a"].ndim == 64 and w["b"].shape == (0, 2**63 - 1)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=8) | st.sampled_from(["F32", "U8", "dtype", "shape", "data_offsets"]),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets", "__metadata__", "a", ""]),
+                      children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.dictionaries(st.text(max_size=4) | st.just("__metadata__"), json_values, max_size=4),
+       data=st.binary(max_size=16))
+def test_any_json_header_loads_or_is_a_format_error(tmp_path, header, data):
+    path = raw_file(tmp_path, header, data)
+    try:
+        with zm.load_weights(path) as w:
+            for name in w:
+                w[name].tobytes()
+    except zm.WeightFormatError:
+        pass
 
 
 def test_every_truncation_is_a_clear_error_and_other_files_are_unaffected(reference_file, tmp_path):
@@ -206,7 +258,7 @@ def fuzz_seed(tmp_path_factory):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_fuzz_mutated_files_never_crash(tmp_path, fuzz_seed, data):
+def test_fuzz_mutated_files_load_or_raise_format_errors_and_leak_nothing(tmp_path, fuzz_seed, data):
     mutated = bytearray(fuzz_seed)
     for _ in range(data.draw(st.integers(1, 6))):
         mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(st.integers(0, 255))
@@ -214,9 +266,102 @@ def test_fuzz_mutated_files_never_crash(tmp_path, fuzz_seed, data):
         mutated = mutated[: data.draw(st.integers(0, len(mutated)))]
     path = tmp_path / "fuzz.safetensors"
     path.write_bytes(bytes(mutated))
+    descriptors = held()[1]
+    error = load_and_touch(path)
+    assert error is None or error.startswith(str(path))
+    assert held(path) == (0, descriptors)  # the mapping and the descriptor are gone
+
+
+def load_and_touch(path):
+    """None if ``path`` loads and every tensor reads; the message of its WeightFormatError
+    if not (any other exception fails the test). Nothing it made outlives the call."""
     try:
         with zm.load_weights(path, format="safetensors") as w:
             for name in w:
                 w[name].tobytes()
-    except zm.WeightFormatError:
-        pass
+    except zm.WeightFormatError as e:
+        return str(e)
+    return None
+
+
+# ------------------------------------------------------------------ save_safetensors
+
+@pytest.mark.parametrize("array", [
+    np.arange(6, dtype=">f4").reshape(2, 3),
+    np.arange(12, dtype=">i8").reshape(3, 4).T,                # big-endian and transposed
+    np.arange(24, dtype=">u2").reshape(4, 6)[::-1, ::2],        # negative and skipping strides
+    np.asfortranarray(np.arange(6, dtype="<f8").reshape(2, 3)),
+    np.array([1 + 2j, -3j], dtype=">c8"),
+])
+def test_save_writes_little_endian_whatever_the_byte_order_and_layout(tmp_path, array):
+    path = tmp_path / "be.safetensors"
+    zm.save_safetensors(path, {"x": array})
+    expected = array.astype(array.dtype.newbyteorder("<"))
+    theirs = safetensors.numpy.load_file(str(path))["x"]
+    assert theirs.shape == array.shape and np.array_equal(theirs, expected)
+    with zm.load_weights(path) as w:
+        assert np.array_equal(w["x"], expected) and w["x"].dtype == expected.dtype
+
+
+def test_concurrent_saves_to_one_path_never_mix(tmp_path):
+    path = tmp_path / "shared.safetensors"
+    tensors = [{"x": np.full(1 << 16, i, np.int32)} for i in range(2)]
+    errors = []
+
+    def save(i):
+        try:
+            for _ in range(20):
+                zm.save_safetensors(path, tensors[i])
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with zm.load_weights(path) as w:
+        x = w["x"]
+        assert x[0] in (0, 1) and (x == x[0]).all()  # one writer's file, whole
+    assert os.listdir(tmp_path) == ["shared.safetensors"]  # no temporary file left
+
+
+def test_saved_file_mode_follows_the_umask(tmp_path):
+    path = tmp_path / "mode.safetensors"
+    zm.save_safetensors(path, {"x": np.zeros(2)})
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "keep.safetensors"
+    zm.save_safetensors(path, {"old": np.arange(3, dtype=np.int8)})
+    before = path.read_bytes()
+    # Files may not grow past 64 KiB: writing 1 MiB fails half way (EFBIG).
+    script = f"""
+import resource, signal
+import numpy as np
+import zigmem as zm
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    zm.save_safetensors({str(path)!r}, {{"new": np.zeros(1 << 18, np.float32)}})
+except OSError as e:
+    print("refused", e.errno)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("refused")
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["keep.safetensors"]
+
+
+@pytest.mark.parametrize("tensors, error", [
+    ([("x", np.zeros(2))], zm.InvalidArgumentError), ({3: np.zeros(2)}, zm.WeightFormatError),
+    ({"__metadata__": np.zeros(2)}, zm.WeightFormatError),
+    ({"s": np.array(["a", "b"])}, zm.WeightFormatError),
+])
+def test_save_refuses_what_safetensors_cannot_hold(tmp_path, tensors, error):
+    with pytest.raises(error):
+        zm.save_safetensors(tmp_path / "bad.safetensors", tensors)
+    assert os.listdir(tmp_path) == []

@@ -26,6 +26,7 @@ from .errors import (
 )
 from .failing_allocator import FailingAllocator
 from .fixed_buffer_allocator import FixedBufferAllocator
+from . import ops
 from .kv_cache import KVCache
 from .general_purpose_allocator import GeneralPurposeAllocator, GeneralPurposeStats, LeakedBlock
 from .page_allocator import PageAllocator, page_allocator
@@ -43,7 +44,7 @@ __all__ = [
     "Allocator", "ArenaAllocator", "Buffer", "CountingAllocator", "CountingStats",
     "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
     "LeakedBlock", "PageAllocator", "page_allocator",
-    "memory_report", "testing", "Scope", "Tensor", "KVCache",
+    "memory_report", "ops", "testing", "Scope", "Tensor", "KVCache",
     "load_weights", "WeightFile", "TensorInfo", "QuantizedMatrix", "save_safetensors",
     "set_num_threads", "get_num_threads",
     "record_memory", "Timeline",

@@ -8,14 +8,15 @@ calling thread's ``zm_report_t`` and raises the matching exception with the size
 from __future__ import annotations
 
 import os
+import stat
 
 from . import _sites, _zigmem, errors
 from ._format import format_address, format_bytes
 from ._zigmem import ffi, lib
 
 __all__ = [
-    "ffi", "lib", "failure", "raise_failure", "check_size", "check_alignment", "SIZE_MAX",
-    "extension_path", "TRACEMALLOC_DOMAIN",
+    "ffi", "lib", "failure", "raise_failure", "mapping_failure", "check_size", "check_alignment",
+    "SIZE_MAX", "extension_path", "TRACEMALLOC_DOMAIN",
 ]
 
 
@@ -46,7 +47,7 @@ def _oom_message(what: str, report) -> str:
     if report.code == lib.ZM_ERR_LIMIT:
         return f"{what}: {format_bytes(size)} would exceed the memory limit of {format_bytes(report.limit)}"
     if report.code == lib.ZM_ERR_INDUCED:
-        return f"{what}: failed on purpose (FailingAllocator, failing index {report.limit})"
+        return f"{what}: failed on purpose (FailingAllocator, failing index {report.index})"
     detail = f" ({os.strerror(report.sys_errno)})" if report.sys_errno else ""
     if report.sys_errno == 0 and report.limit:
         detail = f" (only {format_bytes(report.limit)} left)"
@@ -76,7 +77,7 @@ def _invalid_free(what: str, report) -> str:
                 f"but allocated with {report.size}{_sites_of(report)}")
     if detail == lib.ZM_FREE_WRONG_ALIGNMENT:
         return (f"{what}: invalid free of {_block(report)}: freed with alignment "
-                f"{report.given} but allocated with {report.expected}{_sites_of(report)}")
+                f"{report.given} but allocated with {report.alignment}{_sites_of(report)}")
     return (f"{what}: invalid free of {format_address(report.address)}: this allocator never "
             "returned it (or it was freed long ago and left the quarantine)")
 
@@ -119,6 +120,29 @@ def failure(what: str, site: int = 0, report=None) -> Exception:
             f"{what}: {_block(report)} was written after it was freed: {report.count} bytes "
             f"changed, the first at offset {report.offset}{_sites_of(report)}{more}")
     return errors.OutOfMemoryError(_oom_message(what, report))
+
+
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def mapping_failure(what: str, path: str | bytes) -> Exception:
+    """The exception for the calling thread's failed ``zm_map_file`` of ``path``.
+
+    What ``open()`` would raise when the OS refused the file (FileNotFoundError,
+    PermissionError, IsADirectoryError: OSError subclasses carrying ``path``);
+    InvalidArgumentError naming the kind for a FIFO, device or socket; otherwise
+    :func:`failure` (OutOfMemoryError for a refused mmap or mlock).
+    """
+    report = lib.zm_last_report()
+    if report.code == lib.ZM_ERR_INVALID_ARG:
+        if report.sys_errno:
+            return OSError(report.sys_errno, os.strerror(report.sys_errno), path)
+        kind = _FILE_KINDS.get(report.detail, "a special file")
+        return errors.InvalidArgumentError(
+            f"{what}: {os.fsdecode(path)!r} is {kind}, not a regular file: weights are mapped "
+            "from regular files only")
+    return failure(what)
 
 
 def raise_failure(what: str, site: int = 0) -> None:

@@ -74,13 +74,11 @@ def live_objects() -> list[tuple[int, object]]:
 
 def allocator_label(allocator) -> str:
     """How a subsystem names the allocator it sits on: the name of the nearest
-    CountingAllocator down its chain, else the innermost allocator's kind
-    ("page allocator")."""
-    from .counting_allocator import CountingAllocator  # it imports this module
-
+    allocator down its chain that names a subsystem (a CountingAllocator: its ``name``),
+    else the innermost allocator's kind ("page allocator")."""
     for _ in range(64):  # a chain is a few wrappers deep; never loop on a broken one
-        if isinstance(allocator, CountingAllocator):
-            return allocator.name
+        if getattr(allocator, "_names_a_subsystem", False):
+            return str(allocator.name)
         children = getattr(allocator, "_children", ())
         if not children:
             break

@@ -34,6 +34,7 @@ from ._concurrency import snapshot
 from ._format import format_address, format_bytes
 from ._ownership import OwnsCState
 from .buffer import _FREED, _MOVING, Buffer, new_buffer
+from .numpy_bridge import NumpyBridge
 from .errors import (
     DanglingViewError,
     DoubleFreeError,
@@ -390,8 +391,6 @@ class Allocator(OwnsCState):
         self._check_open("serve numpy from")
         bridge = self._numpy_bridge
         if bridge is None:
-            from .numpy_bridge import NumpyBridge
-
             bridge = self._numpy_bridge = NumpyBridge(self)
         return bridge.serve(self, _here(self._site_frames or 1))
 

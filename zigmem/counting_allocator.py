@@ -46,6 +46,7 @@ class CountingAllocator(Allocator):
     """
 
     thread_safe = True
+    _names_a_subsystem = True  # memory timelines name what sits on it after its name
 
     def __init__(self, child: Allocator = page_allocator, name: str = "counting") -> None:
         self.child = self._wrap(child)

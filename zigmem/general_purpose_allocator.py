@@ -112,7 +112,7 @@ class GeneralPurposeAllocator(Allocator):
         n = lib.zm_py_gpa_leaks(self._g, self._gpa, ffi.NULL, 0)
         reports = ffi.new("zm_report_t[]", max(n, 1))
         n = min(n, lib.zm_py_gpa_leaks(self._g, self._gpa, reports, n))
-        return [LeakedBlock(r.address, r.size, r.expected, _sites.frames(r.alloc_site))
+        return [LeakedBlock(r.address, r.size, r.alignment, _sites.frames(r.alloc_site))
                 for r in reports[0:n]]
 
     @property

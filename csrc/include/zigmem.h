@@ -78,13 +78,15 @@ typedef struct zm_report {
     int sys_errno;        /* errno from the OS call that failed, if any */
     uintptr_t address;    /* the block concerned */
     size_t size;          /* the size requested, or the block's size */
-    size_t expected;      /* the block's alignment */
+    size_t alignment;     /* the block's alignment */
     size_t offset;        /* where corruption starts, relative to the block */
     size_t count;         /* how many bytes are corrupted */
-    size_t limit;         /* the limit that refused the request */
+    size_t limit;         /* the limit that refused the request (bytes) */
+    size_t index;         /* ZM_ERR_INDUCED: the failing allocator's fail index */
     uint64_t alloc_site;  /* caller-provided site ids (general-purpose allocator) */
     uint64_t free_site;
-    int detail;           /* zm_free_detail_t, for ZM_ERR_INVALID_FREE */
+    int detail;           /* zm_free_detail_t for ZM_ERR_INVALID_FREE; S_IFMT type of a
+                             file zm_map_file refused as not regular */
     size_t given;         /* the size or alignment an invalid free passed */
     size_t more;          /* further errors found after this one and not reported */
 } zm_report_t;
@@ -94,7 +96,7 @@ typedef enum zm_free_detail {
     ZM_FREE_UNKNOWN_POINTER = 1, /* never returned by this allocator (or long recycled) */
     ZM_FREE_INTERIOR_POINTER = 2, /* offset bytes inside the block at address */
     ZM_FREE_WRONG_SIZE = 3,       /* given: the size passed; size: the block's */
-    ZM_FREE_WRONG_ALIGNMENT = 4,  /* given: the alignment passed; expected: the block's */
+    ZM_FREE_WRONG_ALIGNMENT = 4,  /* given: the alignment passed; alignment: the block's */
 } zm_free_detail_t;
 
 /* The calling thread's report of its last failure. */
@@ -354,7 +356,7 @@ void zm_gpa_stats(zm_gpa_t *g, zm_gpa_stats_t *out);
 /* Verify every live block's red zones and every quarantined block's poison. Returns the
  * first problem (report in zm_last_report) after repairing it, or ZM_OK. */
 int zm_gpa_check(zm_gpa_t *g);
-/* Fill out[0..max) with live blocks (address, size, expected = alignment, alloc_site);
+/* Fill out[0..max) with live blocks (address, size, alignment, alloc_site);
  * returns how many blocks are live. */
 size_t zm_gpa_leaks(zm_gpa_t *g, zm_report_t *out, size_t max);
 /* Release everything. Returns the first corruption found on the way (report filled). */
@@ -384,6 +386,37 @@ int zm_tensor_init(zm_tensor_t *t, zm_allocator_t a, const int64_t *shape, size_
                    size_t itemsize);
 void zm_tensor_deinit(zm_tensor_t *t, zm_allocator_t a);
 
+/* ---------------------------------------------------------------- ops (ops.c)
+ *
+ * The fused per-step kernels of a llama forward pass, on C-contiguous float32 rows, writing
+ * into caller memory. Row i of an n-row call is bitwise equal to the 1-row call for that
+ * row. Elementwise kernels accept out == an input (exactly); any other overlap of out with
+ * an input, or bad geometry, is ZM_ERR_INVALID_ARG with the report's size saying which
+ * (ZM_OPS_OVERLAP / ZM_OPS_GEOMETRY). Buffer sizes follow from the geometry: the caller
+ * checks them, these kernels trust them. */
+enum { ZM_SIMD_PORTABLE = 0, ZM_SIMD_AVX2 = 1 };
+enum { ZM_OPS_GEOMETRY = 1, ZM_OPS_OVERLAP = 2 };
+/* The SIMD path the ops use: at most `wanted` (-1: just ask), capped at what the CPU has;
+ * returns the previous one. ZIGMEM_KERNELS=portable in the environment starts portable. Both
+ * paths give bitwise equal results. */
+int zm_ops_simd(int wanted);
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight */
+int zm_rms_norm(const float *x, const float *weight, float *out, size_t rows, size_t dim,
+                float eps);
+/* Rotate adjacent pairs (2i, 2i+1) of x[rows][heads][head_dim] by row r's angles, the table
+ * row start + r of cos/sin[table_rows][head_dim / 2]. */
+int zm_rope(const float *x, float *out, size_t rows, size_t heads, size_t head_dim,
+            const float *cos_table, const float *sin_table, size_t table_rows, size_t start);
+/* out = gate * sigmoid(gate) * up, n elements */
+int zm_silu_mul(const float *gate, const float *up, float *out, size_t n);
+/* Causal grouped-query attention: q[rows][n_heads][head_dim], the query of row r at position
+ * start + r, over keys/values[kv_len][n_kv_heads][head_dim] (float16 bits), scale
+ * 1/sqrt(head_dim), float32 math; out like q; scratch holds kv_len floats. */
+int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_dim,
+                     const uint16_t *keys, const uint16_t *values, size_t n_kv_heads,
+                     size_t kv_len, size_t start, float *out, float *scratch,
+                     size_t scratch_len);
+
 /* ---------------------------------------------------------------- weight files */
 
 /* A file mapped into memory: shared read-only, or private copy-on-write (WRITABLE). */
@@ -395,43 +428,64 @@ typedef struct zm_mapping {
 enum { ZM_MAP_WRITABLE = 1u << 0, ZM_MAP_POPULATE = 1u << 1, ZM_MAP_LOCK = 1u << 2 };
 enum { ZM_ADVICE_NONE = 0, ZM_ADVICE_SEQUENTIAL = 1, ZM_ADVICE_RANDOM = 2, ZM_ADVICE_WILLNEED = 3 };
 
-/* An empty file maps to {0, 0}. Failures: status, with errno / the memlock limit reported. */
+/* An empty file maps to {0, 0}. Failures: status, with errno / the memlock limit reported;
+ * a path that is not a regular file is ZM_ERR_INVALID_ARG with its S_IFMT type in detail
+ * (and sys_errno EISDIR for a directory). Never blocks on a FIFO. */
 int zm_map_file(const char *path, unsigned flags, int advice, zm_mapping_t *out);
 void zm_unmap(zm_mapping_t *m);
 
-/* GGUF (see gguf.c for the byte layout). Offsets are absolute in the file. */
+/* GGUF (see gguf.c for the byte layout and the phases). Records are found by their file
+ * position ("pos"); offsets in decoded records are absolute in the file. */
 typedef struct zm_gguf_info {
     uint32_t version;
     uint64_t n_tensors, n_kv;
     uint64_t alignment;
+    uint64_t tensors_offset; /* the first tensor info (the first key-value is at 24) */
     uint64_t data_offset;
 } zm_gguf_info_t;
 
 typedef struct zm_gguf_kv {
+    uint64_t pos;       /* the record */
     uint64_t key, key_len;
     uint32_t type;      /* GGUF value type */
     uint32_t item_type; /* arrays: the items' type */
     uint64_t value;     /* offset of the value; of the first item for arrays; of the bytes
                            for strings */
     uint64_t count;     /* arrays: items; strings: bytes */
-    uint64_t end;       /* offset just past the value */
+    uint64_t end;       /* offset just past the value: the next record */
 } zm_gguf_kv_t;
 
 typedef struct zm_gguf_tensor {
+    uint64_t pos;          /* the record */
     uint64_t name, name_len;
     uint32_t n_dims, type; /* ggml type */
     uint64_t dims[4];      /* dims[0] varies fastest */
     uint64_t offset;
     uint64_t nbytes;
+    uint64_t end;          /* the next record */
 } zm_gguf_tensor_t;
 
-/* Check the magic, version and counts (against the file size). */
+/* Phase 1: the magic, the version, the counts against the file size, then every key-value
+ * and tensor info walked and validated; fills info. Nothing is stored: the caller can then
+ * size the indexes (one u64 per record) knowing every counted record exists. */
 int zm_gguf_header(const uint8_t *data, size_t size, zm_gguf_info_t *info, char *err,
                    size_t err_len);
-/* Fill kvs[n_kv] and tensors[n_tensors], validating everything; scratch holds
- * max(n_kv, n_tensors) * 24 bytes. Errors: ZM_ERR_INVALID_ARG, described in err. */
-int zm_gguf_parse(const uint8_t *data, size_t size, zm_gguf_info_t *info, zm_gguf_kv_t *kvs,
-                  zm_gguf_tensor_t *tensors, void *scratch, char *err, size_t err_len);
+/* Phase 3: tensor data inside the file and not overlapping, names and keys unique. Fills
+ * kv_index[n_kv] and tensor_index[n_tensors] with record positions sorted by name.
+ * Errors: ZM_ERR_INVALID_ARG, described in err. */
+int zm_gguf_parse(const uint8_t *data, size_t size, const zm_gguf_info_t *info,
+                  uint64_t *kv_index, uint64_t *tensor_index, char *err, size_t err_len);
+/* Decode the record at pos of a file that passed zm_gguf_parse: bounds are checked again
+ * (a wrong pos gives ZM_ERR_INVALID_ARG, never a wild read), UTF-8 is not. */
+int zm_gguf_kv_at(const uint8_t *data, size_t size, uint64_t pos, zm_gguf_kv_t *kv);
+int zm_gguf_tensor_at(const uint8_t *data, size_t size, const zm_gguf_info_t *info, uint64_t pos,
+                      zm_gguf_tensor_t *t);
+/* Where each of count items of item_type starting at first begins (nested arrays). */
+int zm_gguf_item_offsets(const uint8_t *data, size_t size, uint64_t first, uint32_t item_type,
+                         uint64_t count, uint64_t *offsets);
+/* The position in index (sorted by zm_gguf_parse) of the record named name, or -1. */
+int64_t zm_gguf_find(const uint8_t *data, const uint64_t *index, uint64_t n, const char *name,
+                     size_t name_len);
 bool zm_ggml_type_size(uint32_t type, uint32_t *block, uint32_t *bytes);
 
 enum { ZM_GGML_F32 = 0, ZM_GGML_F16 = 1, ZM_GGML_Q4_0 = 2, ZM_GGML_Q4_1 = 3, ZM_GGML_Q5_0 = 6,
@@ -451,7 +505,8 @@ int zm_dequantize(uint32_t type, const void *src, size_t n, float *dst);
 
 /* out[n][rows] = x[n][cols] @ W^T. Types: those of zm_dequantize. Scratch comes from the
  * pool's allocator (zm_pool_set_allocator). ZM_ERR_INVALID_ARG: unsupported type or cols
- * not a multiple of its block; ZM_ERR_OUT_OF_MEMORY: scratch refused (out untouched). */
+ * not a multiple of its block, or out overlapping x or W (report.limit = 1);
+ * ZM_ERR_OUT_OF_MEMORY: scratch refused. On any error out is untouched. */
 int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, const float *x,
                     size_t n, float *out);
 /* out[i][cols] = row ids[i] of W, dequantized. Every id is checked before anything is

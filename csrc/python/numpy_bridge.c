@@ -123,7 +123,7 @@ static void check_prefix(zm_np_state_t *s, size_t i) {
         s->error.code = ZM_ERR_UNDERFLOW;
         s->error.address = e->data;
         s->error.size = e->nbytes;
-        s->error.expected = 64;
+        s->error.alignment = 64;
         s->error.offset = first;
         s->error.count = count;
         s->error.alloc_site = e->site;

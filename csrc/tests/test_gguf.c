@@ -34,27 +34,61 @@ static void build(void) {
     for (int i = 0; i < 32; i++) file[len++] = (uint8_t)(i - 16);
 }
 
+/* Parse in the library's phases; on success read every tensor's bytes (they must lie
+ * inside the file) and decode every record through its index. A refusal must be
+ * ZM_ERR_INVALID_ARG with a message; anything else is a failed check. */
 static int parse(const uint8_t *data, size_t size, zm_gguf_tensor_t *tensors) {
     zm_gguf_info_t info;
-    char err[256];
-    if (zm_gguf_header(data, size, &info, err, sizeof err) != ZM_OK) return -1;
-    zm_gguf_kv_t *kvs = calloc(info.n_kv + 1, sizeof *kvs);
-    zm_gguf_tensor_t *ts = tensors ? tensors : calloc(info.n_tensors + 1, sizeof *ts);
-    void *scratch = calloc((info.n_kv > info.n_tensors ? info.n_kv : info.n_tensors) + 1, 24);
-    int status = zm_gguf_parse(data, size, &info, kvs, ts, scratch, err, sizeof err);
-    if (status == ZM_OK) /* read every tensor's bytes: they must lie inside the file */
-        for (uint64_t i = 0; i < info.n_tensors; i++)
-            for (uint64_t b = 0; b < ts[i].nbytes; b++) status |= data[ts[i].offset + b] & 0;
-    free(kvs), free(scratch);
-    if (!tensors) free(ts);
+    char err[256] = "";
+    int status = zm_gguf_header(data, size, &info, err, sizeof err);
+    if (status != ZM_OK) {
+        CHECK(status == ZM_ERR_INVALID_ARG && err[0] != 0);
+        return status;
+    }
+    uint64_t *kv_index = calloc(info.n_kv + 1, sizeof *kv_index);
+    uint64_t *tensor_index = calloc(info.n_tensors + 1, sizeof *tensor_index);
+    status = zm_gguf_parse(data, size, &info, kv_index, tensor_index, err, sizeof err);
+    CHECK(status == ZM_OK || (status == ZM_ERR_INVALID_ARG && err[0] != 0));
+    if (status == ZM_OK) {
+        for (uint64_t i = 0; i < info.n_tensors; i++) {
+            zm_gguf_tensor_t t;
+            CHECK(zm_gguf_tensor_at(data, size, &info, tensor_index[i], &t) == ZM_OK);
+            CHECK(zm_gguf_find(data, tensor_index, info.n_tensors, (const char *)data + t.name,
+                               t.name_len) == (int64_t)i);
+            for (uint64_t b = 0; b < t.nbytes; b++) status |= data[t.offset + b] & 0;
+            if (tensors && i < 2) tensors[i] = t;
+        }
+        for (uint64_t i = 0; i < info.n_kv; i++) {
+            zm_gguf_kv_t kv;
+            CHECK(zm_gguf_kv_at(data, size, kv_index[i], &kv) == ZM_OK && kv.end <= size);
+        }
+    }
+    free(kv_index), free(tensor_index);
     return status;
 }
 
 int main(void) {
     build();
-    zm_gguf_tensor_t tensors[2];
+    zm_gguf_tensor_t tensors[2]; /* sorted by name: "q", then "w" */
     CHECK(parse(file, len, tensors) == ZM_OK);
-    CHECK(tensors[0].nbytes == 256 && tensors[1].nbytes == 34 && tensors[1].type == 8);
+    CHECK(tensors[1].nbytes == 256 && tensors[0].nbytes == 34 && tensors[0].type == 8);
+    zm_gguf_tensor_t q = tensors[0], w = tensors[1];
+    tensors[0] = w, tensors[1] = q;
+
+    /* A key by name, and the items of its nested array: [[7], []] of u32. */
+    zm_gguf_info_t info;
+    char err[256];
+    uint64_t kv_index[4], tensor_index[2], offsets[2];
+    zm_gguf_kv_t kv;
+    CHECK(zm_gguf_header(file, len, &info, err, sizeof err) == ZM_OK);
+    CHECK(zm_gguf_parse(file, len, &info, kv_index, tensor_index, err, sizeof err) == ZM_OK);
+    int64_t at = zm_gguf_find(file, kv_index, info.n_kv, "nested", 6);
+    CHECK(at >= 0 && zm_gguf_find(file, kv_index, info.n_kv, "nest", 4) == -1);
+    CHECK(zm_gguf_kv_at(file, len, kv_index[at], &kv) == ZM_OK && kv.count == 2 && kv.item_type == 9);
+    CHECK(zm_gguf_item_offsets(file, len, kv.value, kv.item_type, kv.count, offsets) == ZM_OK);
+    CHECK(offsets[0] == kv.value && offsets[1] == kv.value + 12 + 4);
+    CHECK(zm_gguf_item_offsets(file, len, len - 4, 9, 1, offsets) == ZM_ERR_INVALID_ARG);
+    CHECK(zm_gguf_kv_at(file, len, len + 100, &kv) == ZM_ERR_INVALID_ARG);
 
     float out[64];
     CHECK(zm_dequantize(ZM_GGML_F32, file + tensors[0].offset, 64, out) == ZM_OK && out[63] == 63);
@@ -65,6 +99,31 @@ int main(void) {
     CHECK(out[0] == 1.0f && out[1] == 5.9604644775390625e-8f && out[2] > 1e38f && out[3] == -2.0f);
     CHECK(zm_dequantize(ZM_GGML_Q4_0, file, 31, out) == ZM_ERR_INVALID_ARG);
     CHECK(zm_dequantize(9 /* Q8_1: no kernel */, file, 32, out) == ZM_ERR_INVALID_ARG);
+
+    /* Hostile tables: counts the file cannot hold, a zero-filled table, shapes numpy
+     * cannot view (a zero dim does not excuse the others' product), an empty key. */
+    uint8_t *zeros = calloc(1, 1 << 20);
+    memcpy(zeros, "GGUF\3\0\0\0", 8);
+    uint64_t counts[][2] = {{0, (1 << 20) / 14}, {(1 << 20) / 24, 0}, {UINT64_MAX, 1},
+                            {(1 << 20) / 48, (1 << 20) / 28}};
+    for (size_t i = 0; i < sizeof counts / sizeof *counts; i++) {
+        memcpy(zeros + 8, counts[i], 16);
+        CHECK(parse(zeros, 1 << 20, NULL) == ZM_ERR_INVALID_ARG);
+    }
+    free(zeros);
+    static const uint64_t shapes[][3] = {{0, 1ull << 62, 1ull << 62}, {1ull << 62, 0, 4},
+                                         {1ull << 61, 0, 4}};
+    for (size_t i = 0; i < 3; i++) {
+        len = 0;
+        put("GGUF", 4), u32(3), u64(1), u64(0);
+        str("t"), u32(3), u64(shapes[i][0]), u64(shapes[i][1]), u64(shapes[i][2]), u32(0), u64(0);
+        while (len % 32) file[len++] = 0;
+        CHECK(parse(file, len, NULL) == ZM_ERR_INVALID_ARG);
+    }
+    len = 0;
+    put("GGUF", 4), u32(3), u64(0), u64(1), str(""), u32(0), file[len++] = 1;
+    CHECK(parse(file, len, NULL) == ZM_ERR_INVALID_ARG);
+    build();
 
     /* Every truncation is refused. Each copy is exactly as long as the cut, so ASan sees
      * any read past it. */

@@ -120,7 +120,7 @@ static void test_double_and_invalid_frees(void) {
     CHECK(last()->detail == ZM_FREE_WRONG_SIZE && last()->given == 999 && last()->size == 1000);
     CHECK(gpa_free(g, q, 1000, 32, 6) == ZM_ERR_INVALID_FREE);
     CHECK(last()->detail == ZM_FREE_WRONG_ALIGNMENT && last()->given == 32 &&
-          last()->expected == 16);
+          last()->alignment == 16);
     static char never[64];
     CHECK(gpa_free(g, (uintptr_t)never, 64, 16, 6) == ZM_ERR_INVALID_FREE);
     CHECK(last()->detail == ZM_FREE_UNKNOWN_POINTER);

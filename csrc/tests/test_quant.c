@@ -93,10 +93,11 @@ static void check_type(uint32_t type, size_t rows, size_t cols, size_t n) {
         CHECK(close);
         CHECK(same);
         if (!close || !same) fprintf(stderr, "  type %u path %d\n", type, path);
+        /* rows dequantizes with the path's own code: bit-exact all the same */
+        int64_t ids[3] = {(int64_t)rows - 1, 0, 1};
+        CHECK(zm_quant_rows(type, w, rows, cols, ids, 3, again) == ZM_OK);
+        CHECK(memcmp(again, dense + (rows - 1) * cols, cols * 4) == 0 && memcmp(again + cols, dense, 2 * cols * 4) == 0);
     }
-    int64_t ids[3] = {(int64_t)rows - 1, 0, 1};
-    CHECK(zm_quant_rows(type, w, rows, cols, ids, 3, again) == ZM_OK);
-    CHECK(memcmp(again, dense + (rows - 1) * cols, cols * 4) == 0 && memcmp(again + cols, dense, 2 * cols * 4) == 0);
     int64_t bad[2] = {0, (int64_t)rows};
     memset(again, 0, cols * 4);
     CHECK(zm_quant_rows(type, w, rows, cols, bad, 2, again) == ZM_ERR_INVALID_ARG && zm_last_report()->size == 1);

@@ -16,23 +16,17 @@ from . import load_model
 DEFAULT_PROMPT = "What is the capital of France? Tell me a little about the city."
 
 
-def _progress(done: int, total: int) -> None:
-    bar = "#" * (20 * done // total)
-    print(f"\rloading weights [{bar:<20}] {done}/{total} layers", end="", file=sys.stderr,
-          flush=True)
-    if done == total:
-        print(file=sys.stderr)
-
-
 def report(model, run: dict) -> str:
     m = model.memory()
     rows = [
         ("weights (mapped file)", f"{format_bytes(m['weights_mapped'])} mapped, "
                                   f"{format_bytes(m['weights_resident'])} resident (shared page cache)"),
-        ("dequantized weights", format_bytes(m["dequantized_weights"])),
+        ("dequantized weights", format_bytes(m["dequantized_weights"]) +
+         (" (every matrix is read in place)" if not m["dequantized_weights"] else "")),
+        ("rotary tables", format_bytes(m["rotary_tables"])),
         ("KV cache", f"{format_bytes(m['kv_cache_held'])} held, {format_bytes(m['kv_cache_used'])} used "
                      f"({model.cache.seq_len} of {model.cache.capacity} positions)"),
-        ("activations (arenas)", f"high-water {format_bytes(m['arena_high_water'])}, "
+        ("activations (arena)", f"high-water {format_bytes(m['arena_high_water'])}, "
                                 f"capacity {format_bytes(m['arena_capacity'])}"),
         ("session (safety allocator)", f"{format_bytes(m['session_live_bytes'])} live, "
                                        f"{m['session_leaks']} leaks"),
@@ -40,8 +34,8 @@ def report(model, run: dict) -> str:
     width = max(len(name) for name, _ in rows)
     lines = ["memory, per subsystem:"] + [f"  {name:<{width}}  {value}" for name, value in rows]
     lines += ["", "speed:",
-              f"  load                 {model.load_seconds * 1e3:8.1f} ms (path to first token: mapped, "
-              "dequantized, cache reserved)",
+              f"  load                 {model.load_seconds * 1e3:8.1f} ms (call to ready: mapped, "
+              "cache reserved; the tokenizer is built on first use)",
               f"  prompt               {run['prompt_tokens_per_second']:8.1f} tokens/s "
               f"({run['prompt_tokens']} tokens)",
               f"  generation           {run['generated_tokens_per_second']:8.1f} tokens/s "
@@ -89,7 +83,6 @@ def _chat(args, timeline) -> tuple[str | None, dict]:
     mark = timeline.mark if timeline is not None else lambda label: None
 
     def progress(done: int, total: int) -> None:
-        _progress(done, total)
         mark(f"load {done}/{total}")
 
     tokens = 0

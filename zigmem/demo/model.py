@@ -1,50 +1,74 @@
-"""A llama-architecture model in numpy, with every byte in a zigmem allocator.
+"""A llama-architecture model computed straight from the mapped GGUF file, with every byte in
+a zigmem allocator.
 
 Lifetimes, one allocator each:
 
-* weights: the GGUF file is mapped (``zm.load_weights``); norms are zero-copy views of it,
-  quantized matrices are dequantized once, at load, into a CountingAllocator
-  ("dequantized weights"). Dequantizing every layer per token into arena scratch instead
-  was measured (bench/bench_demo.py): 86 ms per token, 2.5x a whole generated token, so it
-  only pays when memory, not time, is the limit.
-* KV cache: a ``zm.KVCache`` preallocated to the context, float16.
-* activations, two arenas: the residual stream and the mask live for one token (arena
-  "residual", reset after the token); every other temporary lives for one layer (arena
-  "scratch", reset after each layer, so a pass reuses the same cache-hot pages instead of
-  streaming through fresh ones: one arena per token made prompts 2x slower than malloc).
-  Each runs inside ``with arena.numpy():``; the logits leave as a copy.
+* weights: the GGUF file is mapped (``zm.load_weights``) and read in place. Each matrix is a
+  ``QuantizedMatrix`` over its blocks: ``matmul`` multiplies by the quantized blocks without
+  a dequantized copy, the embedding is looked up with ``rows``, and the output layer, tied to
+  the embedding when the file has no ``output.weight``, is a ``matmul`` too. F32 norms are
+  zero-copy views. Nothing is dequantized at load; a norm stored in another type would be,
+  and the "dequantized weights" CountingAllocator would show it.
+* rotary tables: cos / sin per position, for the model's life ("rotary tables").
+* KV cache: a ``zm.KVCache`` preallocated to the context, float16; its pages become
+  resident as positions are written.
+* activations: every buffer of one ``forward`` call (residual stream, normed input, Q, K, V,
+  attention output, MLP gate and up) comes from one arena, reset when the call ends; the
+  kernels write into them (``out=``), so a step allocates nothing else.
 * the session's own arrays (the logits handed to the caller): a GeneralPurposeAllocator
   with safety checks, which must end with ``deinit() == "ok"``.
 
 The forward pass follows the GGUF llama conventions llama.cpp uses: RMSNorm with the
 file's epsilon; rotary embeddings of adjacent pairs (2i, 2i+1) with the file's frequency
 base (the converter permuted the Q and K rows so that this matches the original model);
-grouped-query attention; a SiLU-gated MLP; the output tied to the token embedding when the
-file has no output matrix. Matrices are [out, in] in numpy order, so ``y = x @ W.T``.
+grouped-query attention; a SiLU-gated MLP. Each step is one named kernel (``zm.ops`` or a
+``QuantizedMatrix`` product) with float32 activations, so no step needs numpy's BLAS.
+Matrices are [out, in] in numpy order: ``W.matmul(x) == x @ W.T``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
+import traceback
 
 import numpy as np
 
 import zigmem as zm
+from zigmem import ops
 
 from .tokenizer import GGUFTokenizer
 
+_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
 
 class Llama:
-    """A llama GGUF model; ``forward(ids)`` continues from what the KV cache holds."""
+    """A llama GGUF model; ``forward(ids)`` continues from what the KV cache holds.
+
+    Args:
+        path: a llama-architecture GGUF file (any of the types ``QuantizedMatrix`` reads).
+        context: KV cache positions to reserve (capped at the model's context length).
+        arena: activations from the per-call arena (True) or plain numpy (False, to compare).
+        progress: optional ``progress(done, total)`` called per layer while loading.
+
+    Raises:
+        WeightFormatError: not a llama file, or a tensor is missing or malformed.
+
+    Example:
+        >>> model = Llama(path)
+        >>> model.generate("What is the capital of France?")
+        'The capital of France is Paris...'
+    """
 
     def __init__(self, path, context: int = 2048, arena: bool = True, progress=None) -> None:
         t0 = time.perf_counter()
         self.path, self.use_arena = str(path), arena
-        self.weights = zm.load_weights(path, advice="willneed")
+        self.weights = zm.load_weights(path)
         md = self.weights.metadata
         arch = md.get("general.architecture")
         if arch != "llama":
+            self.weights.close()
             raise zm.WeightFormatError(f"{path}: architecture {arch!r} is not llama")
         self.n_layers = int(md["llama.block_count"])
         self.dim = int(md["llama.embedding_length"])
@@ -54,103 +78,154 @@ class Llama:
         self.eps = float(md.get("llama.attention.layer_norm_rms_epsilon", 1e-5))
         self.rope_base = float(md.get("llama.rope.freq_base", 10000.0))
         self.context = min(int(context), int(md.get("llama.context_length", context)))
-        self.tokenizer = GGUFTokenizer(md)
+        self.tokenizer = GGUFTokenizer(md)  # its tables are built on first use
 
         self.dequantized = zm.CountingAllocator(zm.page_allocator, name="dequantized weights")
+        self.tables = zm.CountingAllocator(zm.page_allocator, name="rotary tables")
         self.kv_memory = zm.CountingAllocator(zm.page_allocator, name="kv cache")
-        self.activations = zm.CountingAllocator(zm.page_allocator, name="activations (arenas)")
-        self.residual = zm.ArenaAllocator(self.activations)  # one token
-        self.scratch = zm.ArenaAllocator(self.activations)   # one layer
+        self.activations = zm.CountingAllocator(zm.page_allocator, name="activations (arena)")
+        self.arena = zm.ArenaAllocator(self.activations)  # one forward call
         self.session = zm.GeneralPurposeAllocator(stack_trace_frames=4)
+        self._busy = threading.Lock()
 
-        def matrix(name):
-            return self.weights.dequantize(name, allocator=self.dequantized)
-
-        def vector(name):  # F32 norms: zero-copy views of the mapped file
-            return self.weights[name] if self.weights.info(name).dtype == "F32" else matrix(name)
-
-        self.embedding = matrix("token_embd.weight")
+        self.embedding = self.weights.matrix("token_embd.weight")
+        self.vocab_size = self.embedding.shape[0]
         self.layers = []
-        names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
         for i in range(self.n_layers):
-            layer = {n: matrix(f"blk.{i}.{n}.weight") for n in names}
-            layer["attn_norm"] = vector(f"blk.{i}.attn_norm.weight")
-            layer["ffn_norm"] = vector(f"blk.{i}.ffn_norm.weight")
+            layer = {n: self.weights.matrix(f"blk.{i}.{n}.weight") for n in _MATRICES}
+            layer["attn_norm"] = self._vector(f"blk.{i}.attn_norm.weight")
+            layer["ffn_norm"] = self._vector(f"blk.{i}.ffn_norm.weight")
             self.layers.append(layer)
             if progress:
                 progress(i + 1, self.n_layers)
-        self.output_norm = vector("output_norm.weight")
-        self.output = matrix("output.weight") if "output.weight" in self.weights else self.embedding
-        with self.dequantized.numpy():  # rotary tables live as long as the weights
-            freqs = self.rope_base ** (-np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
-            angles = np.outer(np.arange(self.context), freqs)
-            self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        self.output_norm = self._vector("output_norm.weight")
+        self.output = (self.weights.matrix("output.weight") if "output.weight" in self.weights
+                       else self.embedding)
+        freqs = self.rope_base ** (-np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        angles = np.outer(np.arange(self.context), freqs)
+        cos, sin = np.cos(angles), np.sin(angles)
+        with self.tables.numpy():  # only the tables themselves: they live as long as the model
+            self.cos, self.sin = cos.astype(np.float32), sin.astype(np.float32)
+        del freqs, angles, cos, sin
         self.cache = zm.KVCache(self.kv_memory, self.n_layers, self.n_kv_heads, self.head_dim,
                                 self.context, dtype="float16")
         self.load_seconds = time.perf_counter() - t0
 
+    def _vector(self, name: str) -> np.ndarray:
+        """A norm's weights: a zero-copy view when the file stores float32, else dequantized
+        (and counted as such)."""
+        if self.weights.info(name).dtype == "F32":
+            return self.weights[name]
+        return self.weights.dequantize(name, allocator=self.dequantized)
+
     # ------------------------------------------------------------ the forward pass
 
-    def forward(self, token_ids) -> np.ndarray:
-        """Logits (float32, ``[len(token_ids), vocab]``) of the tokens, which continue what
-        the KV cache holds."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    def forward(self, token_ids, logits: str = "all") -> np.ndarray:
+        """Logits (float32) of the tokens, which continue what the KV cache holds.
+
+        Args:
+            token_ids: token ids, each in ``[0, vocab_size)``.
+            logits: "all" (``[n, vocab]``, one row per token) or "last" (``[1, vocab]``, the
+                next-token distribution only, which spares the output product of the others).
+
+        Returns:
+            The logits, in the session allocator: they outlive the call.
+
+        Raises:
+            InvalidArgumentError: an empty list, ids that are not integers or out of range,
+                more tokens than the context has left; the cache is untouched.
+            ZigmemError: another thread is in ``forward`` of this model.
+        """
+        if logits not in ("all", "last"):
+            raise zm.InvalidArgumentError(f'logits must be "all" or "last", not {logits!r}')
+        # One conversation, one step at a time: a second thread is refused, not interleaved
+        # (the kernels release the GIL, so it could otherwise write the same cache rows).
+        if not self._busy.acquire(blocking=False):
+            raise zm.ZigmemError("Llama.forward is already running in another thread; a "
+                                 "model holds one conversation: use one model per thread")
+        try:
+            ids = self._check_ids(token_ids)
+            # A step interrupted earlier (KeyboardInterrupt) may have written some layers.
+            start = self.cache.seq_len
+            self.cache.truncate(start)
+            try:
+                return self._forward(ids, start, logits == "last")
+            except BaseException as e:
+                # The interrupted frames hold views of the arena: clear them so the arena
+                # resets, and leave the cache as it was before the call.
+                traceback.clear_frames(e.__traceback__)
+                self.cache.truncate(start)
+                if self.use_arena:
+                    with contextlib.suppress(zm.ArenaEscapeError):  # the next call resets it
+                        self.arena.reset("retain_capacity")
+                raise
+        finally:
+            self._busy.release()
+
+    def _check_ids(self, token_ids) -> np.ndarray:
+        # The decode step's one token, [int], in a few compares instead of array reductions.
+        if (type(token_ids) is list and len(token_ids) == 1 and type(token_ids[0]) is int
+                and 0 <= token_ids[0] < self.vocab_size and self.cache.seq_len < self.context):
+            return np.array(token_ids, np.int64)
+        ids = np.asarray(token_ids)
+        if ids.size and ids.dtype.kind not in "iu" or ids.ndim > 1:
+            raise zm.InvalidArgumentError(
+                f"token ids must be a list of integers, got {ids.dtype} of shape {ids.shape}")
+        ids = ids.reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
+            raise zm.InvalidArgumentError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         start = self.cache.seq_len
         if not ids.size or start + ids.size > self.context:
             raise zm.InvalidArgumentError(
                 f"{ids.size} tokens after {start} do not fit the context of {self.context}")
-        arenas = self.use_arena
-        residual = self.residual.numpy if arenas else contextlib.nullcontext
-        scratch = self.scratch.numpy if arenas else contextlib.nullcontext
+        return ids.astype(np.int64, copy=False)
+
+    def _forward(self, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
         n = ids.size
-        with residual():  # lives for this token
-            x = self.embedding[ids]
-            mask = np.triu(np.full((n, start + n), -np.inf, np.float32), k=start + 1)
-        cos, sin = self.cos[start:start + n, None, :], self.sin[start:start + n, None, :]
-        for index, layer in enumerate(self.layers):
-            with scratch():  # lives for this layer
-                x_next = self._block(index, layer, x, mask, cos, sin)
-            x[...] = x_next
-            del x_next
-            if arenas:
-                self.scratch.reset("retain_capacity")  # an escaped temporary would raise
-        with scratch():
-            logits = self._rms_norm(x, self.output_norm) @ self.output.T
-        if not arenas:
-            return logits
-        with self.session.numpy():
-            result = np.array(logits)  # out of the arenas: it outlives this token
-        del logits, x, mask
-        self.scratch.reset("retain_capacity")
-        self.residual.reset("retain_capacity")
+        with self.arena.numpy() if self.use_arena else _no_arena():  # lives for this call
+            a = _Activations(n, self.dim, self.n_kv_heads * self.head_dim,
+                             self.layers[0]["ffn_gate"].shape[0] if self.layers else 0)
+            self.embedding.rows(ids, out=a.x)
+            for index, layer in enumerate(self.layers):
+                self._block(index, layer, a, start)
+            h = a.x[-1:] if last_only else a.x
+            ops.rms_norm(h, self.output_norm, self.eps, out=a.h[:h.shape[0]])
+        with self.session.numpy():  # the caller's: outlives the arena
+            result = np.empty((h.shape[0], self.output.shape[0]), np.float32)
+        self.output.matmul(a.h[:h.shape[0]], out=result)
+        del a, h
+        if self.use_arena:
+            self.arena.reset("retain_capacity")
         return result
 
-    def _block(self, index: int, layer: dict, x, mask, cos, sin) -> np.ndarray:
-        """One transformer block: the residual stream after it."""
-        n = x.shape[0]
-        group = self.n_heads // self.n_kv_heads
-        h = self._rms_norm(x, layer["attn_norm"])
-        q = (h @ layer["attn_q"].T).reshape(n, self.n_heads, self.head_dim)
-        k = (h @ layer["attn_k"].T).reshape(n, self.n_kv_heads, self.head_dim)
-        v = (h @ layer["attn_v"].T).reshape(n, self.n_kv_heads, self.head_dim)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        self.cache.append(index, k, v)
-        keys = self.cache.keys(index).astype(np.float32)      # [T, kv, d]
-        values = self.cache.values(index).astype(np.float32)
-        # [kv, group, n, d] @ [kv, 1, d, T] -> [kv, group, n, T]
-        qg = q.reshape(n, self.n_kv_heads, group, self.head_dim).transpose(1, 2, 0, 3)
-        scores = qg @ keys.transpose(1, 2, 0)[:, None] * np.float32(self.head_dim ** -0.5) + mask
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        attended = scores @ values.transpose(1, 0, 2)[:, None]  # [kv, group, n, d]
-        x = x + attended.transpose(2, 0, 1, 3).reshape(n, self.dim) @ layer["attn_output"].T
-        h = self._rms_norm(x, layer["ffn_norm"])
-        gate = h @ layer["ffn_gate"].T
-        return x + (gate / (1 + np.exp(-gate)) * (h @ layer["ffn_up"].T)) @ layer["ffn_down"].T
+    def _block(self, index: int, layer: dict, a: _Activations, start: int) -> None:
+        """One transformer block, updating the residual stream ``a.x`` in place."""
+        ops.rms_norm(a.x, layer["attn_norm"], self.eps, out=a.h)
+        layer["attn_q"].matmul(a.h, out=a.q)
+        layer["attn_k"].matmul(a.h, out=a.k)
+        layer["attn_v"].matmul(a.h, out=a.v)
+        n = a.x.shape[0]
+        q = a.q.reshape(n, self.n_heads, self.head_dim)
+        k = a.k.reshape(n, self.n_kv_heads, self.head_dim)
+        ops.rope(q, self.cos, self.sin, start, out=q)
+        ops.rope(k, self.cos, self.sin, start, out=k)
+        self._attend(index, q, k, a.v.reshape(k.shape), start,
+                     out=a.attended.reshape(q.shape))
+        layer["attn_output"].matmul(a.attended, out=a.o)
+        a.x += a.o
+        ops.rms_norm(a.x, layer["ffn_norm"], self.eps, out=a.h)
+        layer["ffn_gate"].matmul(a.h, out=a.gate)
+        layer["ffn_up"].matmul(a.h, out=a.up)
+        ops.silu_mul(a.gate, a.up, out=a.gate)
+        layer["ffn_down"].matmul(a.gate, out=a.o)
+        a.x += a.o
 
-    def _rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(self.eps)) * weight
+    def _attend(self, index: int, q, k, v, start: int, out) -> np.ndarray:
+        """The KV cache's one place: store this step's K and V of layer ``index``, then
+        attend causally over everything the layer holds."""
+        self.cache.append(index, k, v)
+        return ops.attention(q, self.cache.keys(index), self.cache.values(index), start, out=out)
 
     # ------------------------------------------------------------ generation
 
@@ -162,45 +237,66 @@ class Llama:
                  top_k: int | None = None, chat: bool = True, stream=None, seed: int = 0,
                  on_token=None) -> str:
         """Answer ``prompt``: greedy by default, else sampled with ``temperature`` (and
-        ``top_k``). ``stream(text)`` receives the answer as it grows; ``on_token(token)`` is
-        called with each token sampled, the first one right after the prompt (a memory
+        ``top_k``). ``stream(text)`` receives the answer as it grows; ``on_token(token)``
+        each answer token as it comes, the first right after the prompt (the demo's memory
         timeline marks there). Statistics of the run are left in ``self.last_run``."""
-        rng = np.random.default_rng(seed)
         ids = self.tokenizer.encode(self.tokenizer.chat(prompt) if chat else prompt)
+        answer, printed = [], [""]
+
+        def on_answer_token(token: int) -> None:
+            if stream:
+                answer.append(token)
+                text = self.tokenizer.decode(answer)
+                if not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+                    stream(text[len(printed[0]):])
+                    printed[0] = text
+            if on_token:
+                on_token(token)
+
+        tokens, self.last_run = self.generate_ids(
+            ids, max_tokens, temperature, top_k, stops=self.tokenizer.stops(), seed=seed,
+            on_token=on_answer_token if stream or on_token else None)
+        text = self.tokenizer.decode(tokens)
+        if stream and len(text) > len(printed[0]):
+            stream(text[len(printed[0]):])
+        return text
+
+    def generate_ids(self, ids, max_tokens: int = 64, temperature: float = 0.0,
+                     top_k: int | None = None, stops=(), seed: int = 0, on_token=None):
+        """Continue the token ids ``ids`` from an empty cache: greedy by default.
+
+        Returns:
+            ``(generated ids, statistics)``; the statistics hold the prompt and generation
+            rates (tokens/s), as ``generate`` leaves them in ``last_run``.
+        """
+        rng = np.random.default_rng(seed)
         self.reset()
         t0 = time.perf_counter()
-        logits = self.forward(ids)
+        logits = self.forward(ids, logits="last")
         token = _sample(logits[-1], temperature, top_k, rng)
         del logits
-        if on_token:
-            on_token(token)
         prompt_seconds = time.perf_counter() - t0
-        answer, printed, stops = [], "", self.tokenizer.stops()
+        answer, steps = [], 0
         t1 = time.perf_counter()
         while token not in stops and len(answer) < max_tokens:
             answer.append(token)
-            text = self.tokenizer.decode(answer)
-            if stream and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-                stream(text[len(printed):])
-                printed = text
-            if self.cache.seq_len >= self.context:
-                break
-            logits = self.forward([token])
-            token = _sample(logits[-1], temperature, top_k, rng)
-            del logits
             if on_token:
                 on_token(token)
+            if len(answer) == max_tokens or self.cache.seq_len >= self.context:
+                break
+            logits = self.forward([token], logits="last")
+            token = _sample(logits[-1], temperature, top_k, rng)
+            steps += 1
+            del logits
         generate_seconds = time.perf_counter() - t1
-        text = self.tokenizer.decode(answer)
-        if stream and len(text) > len(printed):
-            stream(text[len(printed):])
-        self.last_run = {
-            "prompt_tokens": len(ids), "generated_tokens": len(answer),
+        n_prompt = len(ids)
+        # The first answer token comes with the prompt; each later one costs one decode step.
+        return answer, {
+            "prompt_tokens": n_prompt, "generated_tokens": len(answer), "decode_steps": steps,
             "prompt_seconds": prompt_seconds, "generate_seconds": generate_seconds,
-            "prompt_tokens_per_second": len(ids) / prompt_seconds,
-            "generated_tokens_per_second": len(answer) / generate_seconds if answer else 0.0,
+            "prompt_tokens_per_second": n_prompt / prompt_seconds,
+            "generated_tokens_per_second": steps / generate_seconds if steps else 0.0,
         }
-        return text
 
     # ------------------------------------------------------------ memory and lifetime
 
@@ -213,10 +309,11 @@ class Llama:
             "weights_mapped": self.weights.nbytes,
             "weights_resident": self.weights.resident_bytes(),
             "dequantized_weights": self.dequantized.stats.current_bytes,
+            "rotary_tables": self.tables.stats.current_bytes,
             "kv_cache_held": kv.nbytes,
             "kv_cache_used": kv.seq_len * per_position,
             "arena_high_water": self.activations.stats.peak_bytes,
-            "arena_capacity": self.residual.capacity + self.scratch.capacity,
+            "arena_capacity": self.arena.capacity,
             "session_live_bytes": gpa.live_bytes,
             "session_leaks": len(self.session.leaks()),
         }
@@ -226,22 +323,46 @@ class Llama:
         self.cache.deinit()
         self.layers = self.embedding = self.output = self.cos = self.sin = None
         self.output_norm = None
-        self.scratch.deinit()
-        self.residual.deinit()
+        self.arena.deinit()
         verdict = self.session.deinit()
         self.weights.close()
-        for counting in (self.dequantized, self.kv_memory, self.activations):
+        for counting in (self.dequantized, self.tables, self.kv_memory, self.activations):
             counting.deinit()
         return verdict
 
+    # A model owns its allocators, KV cache and mapping: one owner, so no copies.
+    def __copy__(self):
+        raise TypeError("Llama cannot be copied: it owns its allocators, KV cache and mapped "
+                        "file; load_model(path) again for a second model")
 
-def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate adjacent pairs (2i, 2i+1) of the last axis by the position's angles."""
-    even, odd = x[..., 0::2], x[..., 1::2]
-    out = np.empty_like(x)
-    out[..., 0::2] = even * cos - odd * sin
-    out[..., 1::2] = even * sin + odd * cos
-    return out
+    def __deepcopy__(self, memo):
+        raise TypeError("Llama cannot be deep-copied: it owns its allocators, KV cache and "
+                        "mapped file; load_model(path) again for a second model")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("Llama cannot be pickled: it owns allocators and a mapped file; "
+                        "pickle the path and call load_model(path) again")
+
+
+class _Activations:
+    """The buffers of one forward call over ``n`` tokens; the kernels write into them."""
+
+    __slots__ = ("x", "h", "q", "k", "v", "attended", "o", "gate", "up")
+
+    def __init__(self, n: int, dim: int, kv_dim: int, ff: int) -> None:
+        self.x, self.h = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
+        self.q, self.attended = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
+        self.k, self.v = np.empty((n, kv_dim), np.float32), np.empty((n, kv_dim), np.float32)
+        self.o = np.empty((n, dim), np.float32)
+        self.gate, self.up = np.empty((n, ff), np.float32), np.empty((n, ff), np.float32)
+
+
+class _no_arena:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _sample(logits: np.ndarray, temperature: float, top_k: int | None, rng) -> int:

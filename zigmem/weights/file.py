@@ -9,17 +9,19 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from .. import _registry
-from .._binding import ffi, lib, raise_failure
+from .._binding import ffi, lib, mapping_failure
+from .._ownership import OwnsCState
 from .._residency import resident_bytes
 from ..errors import InvalidArgumentError, UseAfterFreeError, WeightFormatError
 from . import gguf, safetensors
 from .info import TensorInfo
 from .quantized_matrix import QuantizedMatrix, dequantize_bytes, type_id
 
-_ADVICE = {None: 0, "sequential": 1, "random": 2, "willneed": 3}
+_ADVICE = {None: lib.ZM_ADVICE_NONE, "sequential": lib.ZM_ADVICE_SEQUENTIAL,
+           "random": lib.ZM_ADVICE_RANDOM, "willneed": lib.ZM_ADVICE_WILLNEED}
 
 
-class _MappedFile:
+class _MappedFile(OwnsCState):
     """Owns one mapping; numpy views hold it (through ``__array_interface__``), so the file
     is unmapped only when the WeightFile is closed *and* the last view has died."""
 
@@ -35,22 +37,24 @@ class _MappedFile:
         weakref.finalize(self, lib.zm_unmap, mapping).atexit = False
 
 
-class WeightFile(Mapping):
+class WeightFile(OwnsCState, Mapping):
     """An open weight file: a read-only mapping from tensor names to zero-copy numpy views.
 
     ``w[name]`` views the mapped file directly: loading costs no copy and no time per byte,
     and processes that map the same file share one copy in the page cache. Views keep the
     mapping alive: ``close()`` while views live defers the unmap until the last one dies;
-    using the WeightFile after ``close()`` raises ``UseAfterFreeError``.
+    using the WeightFile after ``close()`` raises ``UseAfterFreeError``. A WeightFile owns
+    its mapping: ``copy``, ``deepcopy`` and ``pickle`` raise ``TypeError``.
 
     Attributes:
-        path, format ("safetensors" | "gguf"), metadata (dict), nbytes (file size).
+        path (as given: str or bytes), format ("safetensors" | "gguf"), metadata (a
+        read-only mapping; GGUF values decode when read), nbytes (file size).
     """
 
-    def __init__(self, path, format: str, metadata: dict, infos: list[TensorInfo],
+    def __init__(self, path, format: str, metadata: Mapping, infos: Mapping[str, TensorInfo],
                  owner: _MappedFile, root: np.ndarray) -> None:
         self.path, self.format, self.metadata = path, format, metadata
-        self._infos = {info.name: info for info in infos}
+        self._infos: Mapping[str, TensorInfo] | None = infos
         self._owner, self._root = owner, root
         self.nbytes = root.size
         _registry.register(self)
@@ -63,28 +67,45 @@ class WeightFile(Mapping):
         return raw.view(info.numpy_dtype).reshape(info.view_shape)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._infos)
+        return iter(self._table())
 
     def __len__(self) -> int:
-        return len(self._infos)
+        return len(self._table())
 
     def __contains__(self, name) -> bool:
-        return name in self._infos
+        try:
+            self._info(name)
+        except KeyError:
+            return False
+        return True
 
     def info(self, name: str) -> TensorInfo:
-        """dtype, shape, file offset and size of ``name``."""
+        """dtype, shape, file offset and size of ``name``.
+
+        Raises:
+            KeyError: no tensor is named ``name`` (whatever its type).
+            UseAfterFreeError: the file was closed.
+        """
         return self._info(name)
 
     def _info(self, name: str) -> TensorInfo:
+        infos = self._table()
         try:
-            return self._infos[name]
-        except KeyError:
-            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+            return infos[name]
+        except (KeyError, TypeError):  # TypeError: an unhashable name
+            raise KeyError(f"no tensor {name!r} in {_shown(self.path)}") from None
+
+    def _table(self) -> Mapping[str, TensorInfo]:
+        infos = self._infos
+        if infos is None:
+            raise UseAfterFreeError(f"{_shown(self.path)} was closed")
+        return infos
 
     def _live_root(self) -> np.ndarray:
-        if self._root is None:
-            raise UseAfterFreeError(f"{self.path} was closed")
-        return self._root
+        root = self._root
+        if root is None:
+            raise UseAfterFreeError(f"{_shown(self.path)} was closed")
+        return root
 
     # ------------------------------------------------------------ dequantization
 
@@ -96,8 +117,15 @@ class WeightFile(Mapping):
         frees into ``allocator`` (default: the page allocator) when it dies.
 
         Raises:
-            InvalidArgumentError: another type (naming it).
+            InvalidArgumentError: another type (naming it), or ``allocator`` is not a
+                zigmem allocator.
+            KeyError: no tensor is named ``name``.
         """
+        from ..allocator import Allocator
+
+        if allocator is not None and not isinstance(allocator, Allocator):
+            raise InvalidArgumentError(f"allocator must be a zigmem allocator or None, not "
+                                       f"{type(allocator).__name__}")
         info = self._info(name)
         ggml = type_id(info.dtype, f"cannot dequantize {name}")
         src = self._live_root()[info.offset: info.offset + info.nbytes]
@@ -131,7 +159,7 @@ class WeightFile(Mapping):
 
     # memory timeline (zigmem/_registry.py): bytes mapped, and resident now (mincore)
     def _timeline_name(self) -> str:
-        return f"weights {os.path.basename(self.path)}"
+        return f"weights {os.fsdecode(os.path.basename(self.path))}"
 
     def _timeline_sample(self) -> dict | None:
         root = self._root  # a local: a close() in another thread cannot unmap it under us
@@ -141,7 +169,11 @@ class WeightFile(Mapping):
 
     def close(self) -> None:
         """Release the file. Views still alive keep the mapping until they die."""
-        self._root = self._owner = None
+        for table in (self.metadata, self._infos):
+            release = getattr(table, "release", None)
+            if release is not None:
+                release()
+        self._root = self._owner = self._infos = None
 
     def __enter__(self) -> WeightFile:
         return self
@@ -154,45 +186,83 @@ class WeightFile(Mapping):
         return f"<WeightFile {self.format} {self.path} {state}>"
 
 
+def _shown(path) -> str:
+    return os.fsdecode(path)
+
+
+def _encoded_path(path) -> bytes:
+    """The path as the OS sees it (non-UTF-8 names included), or InvalidArgumentError."""
+    try:
+        raw = os.fsencode(path)
+    except TypeError:
+        raise InvalidArgumentError(f"path must be a str, bytes or os.PathLike, not "
+                                   f"{type(path).__name__}") from None
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(f"path {path!r} cannot be encoded for the OS: {e.reason}") from None
+    if b"\0" in raw:
+        raise InvalidArgumentError(f"path {path!r} contains a NUL byte")
+    return raw
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value is not None and not isinstance(value, str) or value not in choices:
+        raise InvalidArgumentError(f"{name} must be one of {sorted(c for c in choices if c)} or "
+                                   f"None, not {value!r}")
+
+
 def load_weights(path, *, format: str | None = None, advice: str | None = None,
                  populate: bool = False, lock: bool = False, writable: bool = False) -> WeightFile:
     """Map a safetensors or GGUF file and index its tensors, without copying them.
 
     Args:
-        path: The file.
+        path: The file: str, bytes or os.PathLike (names need not be UTF-8). Only regular
+            files are mapped; opening never blocks (a FIFO is refused, not waited on).
         format: "safetensors" or "gguf"; by default detected from the file's first bytes.
         advice: madvise hint: "sequential", "random" or "willneed".
         populate: Read the whole file in now (MAP_POPULATE).
         lock: Page-lock the mapping; OutOfMemoryError names RLIMIT_MEMLOCK when refused.
         writable: Map copy-on-write: views can be written, the file never is.
 
+    Returns:
+        A :class:`WeightFile`; every tensor's shape is one numpy can view.
+
     Raises:
         WeightFormatError: the file is malformed, truncated or hostile (naming what).
-        FileNotFoundError / OSError: it cannot be opened.
+        FileNotFoundError, PermissionError, IsADirectoryError (OSError): it cannot be
+            opened, as ``open()`` would say, naming the path.
+        InvalidArgumentError: a wrong argument: a path with a NUL byte or of the wrong
+            type, a FIFO, device or socket, an unknown format or advice, a non-bool flag.
+        OutOfMemoryError: the mapping (or lock) was refused.
+
+    Example:
+        >>> with zm.load_weights("model.gguf") as w:
+        ...     x = w["token_embd.weight"]
     """
-    path = os.fspath(path)
-    if advice not in _ADVICE:
-        raise InvalidArgumentError(f"advice must be one of {sorted(a for a in _ADVICE if a)}, not {advice!r}")
-    if format not in (None, "safetensors", "gguf"):
-        raise InvalidArgumentError(f"format must be 'safetensors' or 'gguf', not {format!r}")
+    raw = _encoded_path(path)
+    shown = _shown(raw)
+    _check_choice("format", format, (None, "safetensors", "gguf"))
+    _check_choice("advice", advice, _ADVICE)
+    for flag, value in (("populate", populate), ("lock", lock), ("writable", writable)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidArgumentError(f"{flag} must be True or False, not {value!r}")
     flags = ((lib.ZM_MAP_WRITABLE if writable else 0) | (lib.ZM_MAP_POPULATE if populate else 0)
              | (lib.ZM_MAP_LOCK if lock else 0))
     mapping = ffi.new("zm_mapping_t *")
-    if lib.zm_map_file(path.encode(), flags, _ADVICE[advice], mapping):
-        report = lib.zm_last_report()
-        if report.code == lib.ZM_ERR_INVALID_ARG:
-            err = report.sys_errno
-            raise (FileNotFoundError if err == 2 else OSError)(err, os.strerror(err), path)
-        raise_failure(f"load_weights({path!r})")
+    if lib.zm_map_file(raw, flags, _ADVICE[advice], mapping):
+        raise mapping_failure(f"load_weights({shown!r})", os.fspath(path))
     owner = _MappedFile(mapping, readonly=not writable)
     root = np.asarray(owner)
     if not mapping.size:
         root = root[:0]
     if format is None:
         format = "gguf" if bytes(root[:4]) == b"GGUF" else "safetensors"
+    parse = gguf.parse if format == "gguf" else safetensors.parse
     try:
-        parse = gguf.parse if format == "gguf" else safetensors.parse
         metadata, infos = parse(root)
     except WeightFormatError as e:
-        raise WeightFormatError(f"{path}: {e}") from None
-    return WeightFile(path, format, metadata, infos, owner, root)
+        message = str(e)
+    else:
+        return WeightFile(os.fspath(path), format, metadata, infos, owner, root)
+    # Outside the except block, so no traceback holds a view: the file is unmapped now.
+    del owner, root
+    raise WeightFormatError(f"{shown}: {message}")

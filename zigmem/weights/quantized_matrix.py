@@ -82,6 +82,9 @@ def supported_kernel_paths() -> list[str]:
     return [name for name, p in KERNEL_PATHS.items() if lib.zm_kernels_supported(p)]
 
 
+_matmul = lib.zm_quant_matmul
+_from_buffer = ffi.from_buffer
+
 _forced = os.environ.get("ZIGMEM_KERNELS")
 if _forced and _forced not in supported_kernel_paths():
     warnings.warn(f"ZIGMEM_KERNELS={_forced!r} is not a kernel path this CPU runs "
@@ -89,15 +92,26 @@ if _forced and _forced not in supported_kernel_paths():
                   RuntimeWarning, stacklevel=2)
 
 
+_F32 = np.dtype(np.float32)
+
+
 def _float32_array(value, what: str) -> np.ndarray:
     if not isinstance(value, np.ndarray):
         raise InvalidArgumentError(f"{what} must be a numpy float32 array, not {type(value).__name__}")
-    if value.dtype != np.float32:
+    if value.dtype != _F32:
         raise InvalidArgumentError(f"{what} must be float32, not {value.dtype} (convert it "
                                    "explicitly: zigmem does not cast behind your back)")
     if not value.flags.c_contiguous:
         raise InvalidArgumentError(f"{what} must be C-contiguous")
     return value
+
+
+def _check_out(out, shape: tuple, name: str) -> None:
+    _float32_array(out, "out")
+    if out.shape != shape:
+        raise InvalidArgumentError(f"{name}: out must have shape {list(shape)}, not {list(out.shape)}")
+    if not out.flags.writeable:
+        raise InvalidArgumentError("out is read-only")
 
 
 class QuantizedMatrix:
@@ -130,6 +144,7 @@ class QuantizedMatrix:
         self._data = data.reshape(-1).view(np.uint8)  # holds the mapping
         self.nbytes = self._data.size
         self._ptr = ffi.cast("const void *", self._data.ctypes.data if self.nbytes else 0)
+        threads.scratch_allocator()  # the pool gets its scratch allocator before any matmul
 
     def matmul(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``x @ dequantize(W).T``, computed from the blocks with no dequantized copy of W.
@@ -153,28 +168,27 @@ class QuantizedMatrix:
             >>> logits = w.matrix("output.weight").matmul(hidden)
         """
         rows, cols = self.shape
-        _float32_array(x, "x")
-        if x.ndim not in (1, 2) or x.shape[-1] != cols:
+        # The common case first, cheaply: ~200 calls per generated token.
+        if not (type(x) is np.ndarray and x.dtype is _F32 and x.flags.c_contiguous):
+            _float32_array(x, "x")
+        if x.ndim == 1 and x.shape[0] == cols:
+            n, shape = 1, (rows,)
+        elif x.ndim == 2 and x.shape[1] == cols:
+            n, shape = x.shape[0], (x.shape[0], rows)
+        else:
             raise InvalidArgumentError(f"{self.name}: x must have shape [{cols}] or [n, {cols}] "
                                        f"for a {rows}x{cols} matrix, not {list(x.shape)}")
-        n = 1 if x.ndim == 1 else x.shape[0]
-        shape = (rows,) if x.ndim == 1 else (n, rows)
         if out is None:
-            out = np.empty(shape, np.float32)
+            out = np.empty(shape, _F32)
         else:
-            _float32_array(out, "out")
-            if out.shape != shape:
-                raise InvalidArgumentError(f"{self.name}: out must have shape {list(shape)}, "
-                                           f"not {list(out.shape)}")
-            if not out.flags.writeable:
-                raise InvalidArgumentError("out is read-only")
-            if np.may_share_memory(out, x) or np.may_share_memory(out, self._data):
-                raise InvalidArgumentError("out must not overlap x or the weight")
-        if out.size:
-            threads.scratch_allocator()  # hands the pool its allocator on first use
-            if lib.zm_quant_matmul(self._type, self._ptr, rows, cols,
-                                   ffi.cast("const float *", x.ctypes.data), n,
-                                   ffi.cast("float *", out.ctypes.data)):
+            _check_out(out, shape, self.name)
+        if n and rows:
+            # from_buffer: the arrays' own memory, no copy; C checks that out overlaps
+            # neither x nor the weight before it writes anything.
+            if _matmul(self._type, self._ptr, rows, cols, _from_buffer("float[]", x), n,
+                       _from_buffer("float[]", out)):
+                if lib.zm_last_report().limit == 1:
+                    raise InvalidArgumentError(f"{self.name}: out must not overlap x or the weight")
                 raise_failure(f"{self.name}.matmul")
         return out
 
@@ -210,20 +224,15 @@ class QuantizedMatrix:
                                            f"[0, {rows})")
         flat = np.ascontiguousarray(ids_arr.reshape(-1), dtype=np.int64)
         if out is None:
-            out = np.empty(shape, np.float32)
+            out = np.empty(shape, _F32)
         else:
-            _float32_array(out, "out")
-            if out.shape != shape:
-                raise InvalidArgumentError(f"{self.name}: out must have shape {list(shape)}, "
-                                           f"not {list(out.shape)}")
-            if not out.flags.writeable:
-                raise InvalidArgumentError("out is read-only")
+            _check_out(out, shape, self.name)
             if np.may_share_memory(out, self._data):
-                raise InvalidArgumentError("out must not overlap the weight")
+                raise InvalidArgumentError(f"{self.name}: out must not overlap the weight")
         if out.size:
             if lib.zm_quant_rows(self._type, self._ptr, rows, cols,
-                                 ffi.cast("const int64_t *", flat.ctypes.data), flat.size,
-                                 ffi.cast("float *", out.ctypes.data)):
+                                 _from_buffer("int64_t[]", flat), flat.size,
+                                 _from_buffer("float[]", out)):
                 raise_failure(f"{self.name}.rows")
         return out
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import tempfile
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -21,6 +24,8 @@ from ..errors import WeightFormatError
 from .info import TensorInfo
 
 MAX_HEADER = 100_000_000  # the reference reader's cap
+MAX_DIMS = 64  # numpy's
+INTP_MAX = 2**63 - 1
 
 # dtype -> (bits per element, numpy type name or None when numpy has none)
 DTYPES = {
@@ -49,8 +54,29 @@ def _no_duplicates(pairs):
     return seen
 
 
+def _reject_constant(name: str):
+    raise WeightFormatError(f"header is not valid JSON: {name} is not a JSON value")
+
+
+def _json_object(text: str) -> dict:
+    """The header's JSON object, or WeightFormatError: whatever the text, json's own
+    failures (nesting too deep for the parser, integers too long to convert, NaN) are
+    format errors, never bare RecursionError or ValueError."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise WeightFormatError(f"header is not valid JSON: {e}") from None
+    except RecursionError:
+        raise WeightFormatError("header is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer beyond sys.get_int_max_str_digits()
+        if isinstance(e, WeightFormatError):
+            raise
+        raise WeightFormatError(f"header is not valid JSON: {e}") from None
+
+
 def parse(root: np.ndarray):
-    """(metadata, [TensorInfo]) of a mapped safetensors file, or WeightFormatError."""
+    """(metadata, {name: TensorInfo} in file order) of a mapped safetensors file, or
+    WeightFormatError."""
     size = root.size
     if size < 8:
         raise WeightFormatError(f"{size} bytes is too short for the 8-byte header length")
@@ -65,11 +91,10 @@ def parse(root: np.ndarray):
         raise WeightFormatError(f"header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not text.startswith("{"):
         raise WeightFormatError("header is not a JSON object")
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except json.JSONDecodeError as e:
-        raise WeightFormatError(f"header is not valid JSON: {e}") from None
-    metadata = header.pop("__metadata__", None) or {}
+    header = _json_object(text)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise WeightFormatError("__metadata__ must map strings to strings")
@@ -98,23 +123,38 @@ def parse(root: np.ndarray):
         expected = end
     if expected != data_size:
         raise WeightFormatError(f"the data section has {data_size} bytes but the tensors cover {expected}")
-    return metadata, infos
+    return metadata, {info.name: info for info in infos}
 
 
 def _entry(name, entry):
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise WeightFormatError(f"tensor {name!r}: needs exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise WeightFormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
         raise WeightFormatError(f"tensor {name!r}: shape must be a list of non-negative integers")
-    if math.prod(shape) >= 2**63:
-        raise WeightFormatError(f"tensor {name!r}: shape {shape} overflows")
+    _check_viewable(name, dtype, shape)
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int and 0 <= o < 2**63 for o in offsets) or offsets[0] > offsets[1]):
         raise WeightFormatError(f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end")
     return name, dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _check_viewable(name, dtype: str, shape: list) -> None:
+    """A shape numpy can view: at most 64 dims, and the product of the non-zero dims times
+    the item size fits in an intp (numpy checks it even when another dim is 0)."""
+    if len(shape) > MAX_DIMS:
+        raise WeightFormatError(f"tensor {name!r}: {len(shape)} dimensions, numpy allows at most "
+                                f"{MAX_DIMS}")
+    itemsize = max(1, DTYPES[dtype][0] // 8)
+    product = itemsize
+    for d in shape:
+        if d:
+            product *= d
+            if product > INTP_MAX:
+                raise WeightFormatError(f"tensor {name!r}: shape {shape} overflows (numpy cannot "
+                                        "view it)")
 
 
 def _info(TensorInfo, name, dtype, shape, offset, nbytes):
@@ -137,16 +177,62 @@ def _file_dtype(array: np.ndarray) -> str:
     raise WeightFormatError(f"safetensors has no dtype for numpy {array.dtype}")
 
 
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    """The array with little-endian items (safetensors' byte order), C-contiguous."""
+    dtype = array.dtype
+    if dtype.byteorder == ">" or (dtype.byteorder == "=" and sys.byteorder == "big"):
+        dtype = dtype.newbyteorder("<")
+    return np.ascontiguousarray(array, dtype=dtype)  # copies one tensor at most
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def save_safetensors(path, tensors, metadata: dict | None = None) -> None:
     """Write ``tensors`` (name -> array) to a safetensors file, one tensor at a time.
 
     The whole file is never built in memory: the header is written, then each array's
-    bytes. Tensors are ordered by decreasing item size and the data section starts 64-byte
-    aligned, so every tensor is naturally aligned in the file. The file appears atomically
-    (written beside it, then renamed).
+    bytes, little-endian whatever the array's byte order and layout. Tensors are ordered by
+    decreasing item size and the data section starts 64-byte aligned, so every tensor is
+    naturally aligned in the file. The file appears atomically: it is written to a new,
+    uniquely named file beside it, then renamed over it, so concurrent savers never mix
+    their bytes, and on any failure the temporary file is removed and an existing file at
+    ``path`` is left untouched.
+
+    Args:
+        path: Where to write: str, bytes or os.PathLike.
+        tensors: A mapping of names (str, not "__metadata__") to arrays or array-likes.
+        metadata: Optional str -> str, stored as "__metadata__".
+
+    Raises:
+        WeightFormatError: a name, metadata item or dtype safetensors cannot store.
+        InvalidArgumentError: ``tensors`` is not a mapping, or ``path`` is not a path.
+        OSError: the directory cannot be written (nothing is left behind).
+
+    Example:
+        >>> zm.save_safetensors("out.safetensors", {"w": np.ones((2, 3), np.float32)})
     """
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str)
-                                        for k, v in metadata.items()):
+    from ..errors import InvalidArgumentError
+
+    try:
+        target = os.fspath(path)
+    except TypeError:
+        raise InvalidArgumentError(f"path must be a str, bytes or os.PathLike, not "
+                                   f"{type(path).__name__}") from None
+    if not isinstance(tensors, Mapping):
+        raise InvalidArgumentError(f"tensors must be a mapping of names to arrays, not "
+                                   f"{type(tensors).__name__}")
+    if metadata is not None and (not isinstance(metadata, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise WeightFormatError("metadata must map strings to strings")
     arrays = {}
     for name, value in tensors.items():
@@ -164,15 +250,20 @@ def save_safetensors(path, tensors, metadata: dict | None = None) -> None:
         offset += a.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 64)
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    directory, base = os.path.split(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.fsdecode(base)}.", suffix=".tmp",
+                               dir=os.fsdecode(directory))
     try:
-        with open(tmp, "wb") as f:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it; mkstemp makes 0600
+        with open(fd, "wb") as f:
             f.write(len(text).to_bytes(8, "little"))
             f.write(text)
             for name in order:
-                a = np.ascontiguousarray(arrays[name])  # copies one tensor at most
-                f.write(a.reshape(-1).view(np.uint8).data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
+                f.write(_little_endian(arrays[name]).reshape(-1).view(np.uint8).data)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
