@@ -501,3 +501,16 @@ def test_marking_inside_a_numpy_block_allocates_nothing_from_it(tmp_path):
     assert tl.samples[1]["subsystems"]["weights w.safetensors"]["resident"] > 0
     counting.deinit()
     w.close()
+
+
+def test_a_subsystem_that_never_held_a_byte_stays_out_of_the_picture(tmp_path):
+    pytest.importorskip("matplotlib")
+    samples = [{"time": float(i), "label": f"m{i}", "subsystems": {
+        "idle allocator": {"kind": "CountingAllocator", "within": None, "held": 0, "peak": 0},
+        "busy allocator": {"kind": "CountingAllocator", "within": None, "held": i << 20}}}
+        for i in range(3)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"format": "zigmem-timeline/1", "samples": samples}))
+    zm.Timeline.from_json(path).plot(tmp_path / "t.svg")
+    text = (tmp_path / "t.svg").read_text()
+    assert "busy allocator" in text and "idle allocator" not in text

@@ -3,7 +3,8 @@
 Top panel: one stacked area per disjoint subsystem (those not ``within`` another), so the
 stack's height is the memory held, counted once; each subsystem's "used", "peak" and
 "resident" figures are lines over its own band, and the subsystems within it thin lines in
-the same band. Below: one small panel per disjoint subsystem on its own scale. The x axis is
+the same band. Below: one small panel per disjoint subsystem on its own scale (subsystems
+that never held a byte are left out). The x axis is
 the marks in order, one step each, so every token gets the same width however long it took
 (the times are in the samples); tick labels are thinned to what fits.
 
@@ -51,7 +52,9 @@ def draw(samples: list[dict], path: str, width: int, height: int) -> None:
 
     xs = list(range(len(samples)))  # the marks in order, one step each
     series = _series(samples)
-    roots = [name for name, info in series.items() if info["root"] == name]
+    # Subsystems that never held a byte stay in the data, out of the picture.
+    roots = [name for name, info in series.items()
+             if info["root"] == name and any(_largest(i) for i in series.values() if i["root"] == name)]
     # Panels for the largest subsystems, in as many rows of 4 as fit in 40% of the height.
     fit = 4 * max(1, min(2, int(0.4 * height) // _DETAIL_ROW_PX))
     largest = sorted(roots, key=lambda r: -_largest(series[r]))[:fit]
