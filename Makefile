@@ -43,6 +43,8 @@ bench: install
 	./bench/out/bench_core
 	$(PY) bench/bench_python.py
 	$(PY) bench/bench_kv_cache.py
+	$(PY) bench/bench_paged_kv.py
+	$(PY) bench/bench_generate_batch.py
 	$(PY) bench/bench_weights.py
 	$(PY) bench/bench_quant.py
 	$(PY) bench/bench_weights_hostile.py

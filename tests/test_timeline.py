@@ -514,3 +514,52 @@ def test_a_subsystem_that_never_held_a_byte_stays_out_of_the_picture(tmp_path):
     zm.Timeline.from_json(path).plot(tmp_path / "t.svg")
     text = (tmp_path / "t.svg").read_text()
     assert "busy allocator" in text and "idle allocator" not in text
+
+
+def test_a_paged_kv_cache_shows_its_blocks_in_use_and_cached():
+    pool = zm.CountingAllocator(name="kv pool")
+    kv = zm.PagedKVCache(pool, n_layers=2, n_kv_heads=1, head_dim=8, num_blocks=8, block_size=4)
+    row = np.ones((4, 1, 8), np.float32)
+    with zm.record_memory() as tl:
+        s = kv.add_sequence(prompt_tokens=list(range(4)))
+        for layer in range(2):
+            kv.append(s, layer, row, row)
+        tl.mark("one block written")
+        kv.free(s)
+        tl.mark("freed")
+    written, freed = (tl.samples[i]["subsystems"]["PagedKVCache on kv pool"] for i in (1, 2))
+    st = kv.stats
+    assert written["within"] == "kv pool" and written["kind"] == "PagedKVCache"
+    assert written["held"] == freed["held"] == st.pool_bytes
+    assert written["blocks_in_use"] == 1 and written["used"] == st.block_bytes
+    assert freed["blocks_in_use"] == 0 and freed["used"] == 0
+    # a freed prompt block stays in the prefix cache, unless the pool says otherwise
+    assert freed["blocks_cached"] == st.blocks_cached
+    assert freed["cached"] == st.blocks_cached * st.block_bytes
+    kv.deinit()
+    with zm.record_memory() as tl:
+        pass
+    assert "PagedKVCache on kv pool" not in tl.samples[0]["subsystems"]
+    pool.deinit()
+
+
+def test_the_batched_demo_marks_each_step_with_the_pool(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from test_demo_model import write_tiny_llama
+
+    from zigmem.demo.cli import main
+
+    model = tmp_path / "tiny.gguf"
+    write_tiny_llama(model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ab\nba\nabab\n")
+    report = tmp_path / "report.json"
+    assert main(["--model", str(model), "--prompts", str(prompts), "--max-tokens", "4",
+                 "--context", "32", "--report-json", str(report)]) == 0
+    samples = json.loads(report.read_text())["timeline"]
+    steps = [s for s in samples if s["label"].startswith("step ")]
+    assert steps and [s["label"] for s in steps] == [f"step {i}" for i in range(1, len(steps) + 1)]
+    pools = [f for s in steps for n, f in s["subsystems"].items() if f["kind"] == "PagedKVCache"]
+    assert pools and max(f["blocks_in_use"] for f in pools) > 0
+    assert samples[-2]["label"] == "closed"
+    assert not any(f["kind"] == "PagedKVCache" for f in samples[-1]["subsystems"].values())

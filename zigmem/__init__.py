@@ -30,6 +30,7 @@ from . import ops
 from .kv_cache import KVCache
 from .general_purpose_allocator import GeneralPurposeAllocator, GeneralPurposeStats, LeakedBlock
 from .page_allocator import PageAllocator, page_allocator
+from .paged_kv_cache import PagedKVCache, PagedKVStats
 from .report import memory_report
 from .scope import Scope
 from .tensor import Tensor
@@ -44,9 +45,9 @@ __all__ = [
     "Allocator", "ArenaAllocator", "Buffer", "CountingAllocator", "CountingStats",
     "FailingAllocator", "FixedBufferAllocator", "GeneralPurposeAllocator", "GeneralPurposeStats",
     "LeakedBlock", "PageAllocator", "page_allocator",
-    "memory_report", "ops", "testing", "Scope", "Tensor", "KVCache",
-    "load_weights", "WeightFile", "TensorInfo", "QuantizedMatrix", "save_safetensors",
-    "set_num_threads", "get_num_threads",
+    "memory_report", "ops", "testing", "Scope", "Tensor", "KVCache", "PagedKVCache",
+    "PagedKVStats", "load_weights", "WeightFile", "TensorInfo", "QuantizedMatrix",
+    "save_safetensors", "set_num_threads", "get_num_threads",
     "record_memory", "Timeline",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",

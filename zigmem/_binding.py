@@ -15,8 +15,8 @@ from ._format import format_address, format_bytes
 from ._zigmem import ffi, lib
 
 __all__ = [
-    "ffi", "lib", "failure", "raise_failure", "mapping_failure", "check_size", "check_alignment",
-    "SIZE_MAX", "extension_path", "TRACEMALLOC_DOMAIN",
+    "ffi", "lib", "failure", "raise_failure", "mapping_failure", "paged_kv_failure",
+    "check_size", "check_alignment", "SIZE_MAX", "extension_path", "TRACEMALLOC_DOMAIN",
 ]
 
 
@@ -171,3 +171,45 @@ def check_alignment(value) -> int:
         raise errors.InvalidArgumentError(f"alignment {n} is not a power of two")
     return n
 
+
+
+def paged_kv_failure(what: str, index_name: str = "") -> Exception:
+    """The exception for the calling thread's last failed ``zm_paged_kv_*`` call: the
+    report's detail (a ``zm_pkv_problem_t``) says which argument was wrong. ``index_name``
+    names the array argument whose entry ``report.offset`` was at fault (attention's seqs)."""
+    report = lib.zm_last_report()
+    detail, given, expected = report.detail, report.given, report.expected
+    at = f" ({index_name}[{report.offset}])" if index_name else ""
+    if detail == lib.ZM_PKV_FREED_SEQUENCE:
+        return errors.UseAfterFreeError(f"{what}: sequence {given}{at} was freed")
+    if detail == lib.ZM_PKV_UNKNOWN_SEQUENCE:
+        return errors.InvalidArgumentError(f"{what}: no sequence {given}{at} in this cache")
+    if detail == lib.ZM_PKV_TOO_LONG and report.code == lib.ZM_ERR_OUT_OF_MEMORY:
+        return errors.OutOfMemoryError(
+            f"{what}: {given} positions do not fit: the whole pool holds at most {expected} "
+            "more for this sequence; nothing was written")
+    if detail == lib.ZM_PKV_POOL_FULL:
+        return errors.OutOfMemoryError(
+            f"{what}: the block pool is full: the step needs {report.size} blocks and "
+            f"{report.limit} are free or evictable; nothing was written (free or shorten a "
+            "sequence, or ask can_append first)")
+    messages = {
+        lib.ZM_PKV_BAD_LAYER: f"layer {given} is not in [0, {expected})",
+        lib.ZM_PKV_LAYER_WRITTEN: (
+            f"layer {given} was already appended in this step; every layer appends once "
+            f"per step (seq_len is {expected})"),
+        lib.ZM_PKV_STEP_SIZE: f"this step appends {expected} positions to each layer, not {given}",
+        lib.ZM_PKV_STEP_OPEN: (
+            f"the sequence is in the middle of a step ({given} of {expected} layers "
+            "appended); finish the step first"),
+        lib.ZM_PKV_ROWS: (
+            f"{given} rows asked{' for ' + index_name + '[' + str(report.offset) + ']' if index_name else ''}"
+            f" but the sequence holds only {expected} positions of this layer"),
+        lib.ZM_PKV_HEADS: f"{given} query heads are not a positive multiple of {expected} KV heads",
+        lib.ZM_PKV_CONFIG: f"invalid geometry (field {given}, limit {expected})",
+    }
+    if report.code == lib.ZM_ERR_TOO_LARGE and detail:
+        return errors.OutOfMemoryError(f"{what}: the sizes overflow the address space")
+    if detail in messages and report.code == lib.ZM_ERR_INVALID_ARG:
+        return errors.InvalidArgumentError(f"{what}: {messages[detail]}")
+    return failure(what)

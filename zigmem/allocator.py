@@ -65,7 +65,7 @@ class Allocator(OwnsCState):
     retains_child_memory = False
     _g = None          # the guard (zm_guard_t *), set by __init__
     _gen_seen = 0
-    _pinned_by = None  # a C user that holds the allocator for good (the kernel pool)
+    _c_users: list = []  # (is_alive, name) of C code holding memory from it, per instance
     _site_frames = 0   # Python frames recorded per allocation (0: none)
     _live = None       # id -> Buffer, while site tracking is on (testing's sweep)
 
@@ -97,13 +97,23 @@ class Allocator(OwnsCState):
         self._views: weakref.WeakSet = weakref.WeakSet()  # view owners of its Buffers
         self._numpy_bridge = None  # created by the first numpy() block
         self._collect_when_unused = False
+        self._c_users = []
         for child in self._children:
             child._parents.append(weakref.ref(self))
 
-    def _pin(self, user: str) -> None:
-        """C code that is not an allocator (the kernels' worker pool) holds this allocator
-        for the rest of the process: deinit is refused, naming ``user``."""
-        self._pinned_by = user
+    def _add_c_user(self, owner, name: str) -> None:
+        """C code that is not an allocator holds memory from this one (a PagedKVCache's pool;
+        the kernels' worker pool, ``owner`` None: for the rest of the process): deinit and
+        reset are refused, naming it, while ``owner`` is alive and has not removed itself."""
+        alive = (lambda: True) if owner is None else weakref.ref(owner)
+        self._c_users.append((alive, name))
+
+    def _remove_c_user(self, owner) -> None:
+        self._c_users = [(alive, name) for alive, name in self._c_users
+                         if alive() is not None and alive() is not owner]
+
+    def _c_user_names(self) -> list[str]:
+        return [name for alive, name in self._c_users if alive() is not None]
 
     @staticmethod
     def _wrap(child, name: str = "child") -> Allocator:
@@ -286,9 +296,7 @@ class Allocator(OwnsCState):
         """
         if self._closed:
             return
-        users = [p._describe() for p in self._open_parents()]
-        if self._pinned_by:
-            users.append(self._pinned_by)
+        users = [p._describe() for p in self._open_parents()] + self._c_user_names()
         if users:
             raise MemorySafetyError(
                 f"cannot deinit {self._describe()}: {', '.join(users)} still allocates from "
@@ -337,6 +345,11 @@ class Allocator(OwnsCState):
     def _reset_chain(self, action: str) -> list[Allocator]:
         """self and every open allocator above it, newest first, for a reset; refused when
         one of them keeps memory from below (an arena over this one)."""
+        holders = self._c_user_names()
+        if holders:
+            raise MemorySafetyError(
+                f"cannot {action} {self._describe()}: {', '.join(holders)} allocates from it "
+                "and keeps its memory; deinit that first")
         if not self._parents:
             return [self]
         above: dict[int, Allocator] = {}
@@ -347,10 +360,12 @@ class Allocator(OwnsCState):
                 above[id(a)] = a
                 todo += a._open_parents()
         for a in above.values():
-            if a.retains_child_memory:
+            holders = ([a._describe()] if a.retains_child_memory else []) + a._c_user_names()
+            if holders:
                 raise MemorySafetyError(
-                    f"cannot {action} {self._describe()}: {a._describe()} allocates from it and "
-                    "keeps its memory; reset or deinit that first")
+                    f"cannot {action} {self._describe()}: {', '.join(holders)} allocates from "
+                    f"it{'' if a is self else ' through ' + a._describe()} and keeps its memory; "
+                    "reset or deinit that first")
         return sorted(above.values(), key=lambda a: -a._g.serial) + [self]
 
     def _open_parents(self) -> list[Allocator]:

@@ -60,7 +60,7 @@ def scratch_allocator() -> CountingAllocator:
         with _scratch_lock:
             if _scratch is None:
                 scratch = CountingAllocator(page_allocator, name="kernel scratch")
-                scratch._pin("the kernel thread pool")  # C holds it: never closed
+                scratch._add_c_user(None, "the kernel thread pool")  # C holds it for good
                 lib.zm_pool_set_allocator(scratch._c)
                 _scratch = scratch
     return _scratch

@@ -3,7 +3,7 @@ typedef struct { void *ctx; ...; } zm_allocator_t;
 
 typedef struct {
     int code; int sys_errno; uintptr_t address; size_t size; size_t alignment;
-    size_t offset; size_t count; size_t limit; size_t index; uint64_t alloc_site; uint64_t free_site;
+    size_t expected; size_t offset; size_t count; size_t limit; size_t index; uint64_t alloc_site; uint64_t free_site;
     int detail; size_t given; size_t more;
 } zm_report_t;
 #define ZM_FREE_UNKNOWN_POINTER ...

@@ -79,6 +79,7 @@ typedef struct zm_report {
     uintptr_t address;    /* the block concerned */
     size_t size;          /* the size requested, or the block's size */
     size_t alignment;     /* the block's alignment */
+    size_t expected;      /* the value a check expected (a shape, a length) */
     size_t offset;        /* where corruption starts, relative to the block */
     size_t count;         /* how many bytes are corrupted */
     size_t limit;         /* the limit that refused the request (bytes) */
@@ -496,6 +497,104 @@ enum { ZM_GGML_F32 = 0, ZM_GGML_F16 = 1, ZM_GGML_Q4_0 = 2, ZM_GGML_Q4_1 = 3, ZM_
  * BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL; n a multiple of
  * the type's block. Else ZM_ERR_INVALID_ARG. */
 int zm_dequantize(uint32_t type, const void *src, size_t n, float *dst);
+
+/* ---------------------------------------------------------------- paged KV cache
+ *
+ * Keys and values of many sequences in one pool of fixed-size blocks (vLLM's paging): block
+ * tables, reference counts with copy-on-write for fork, a prefix cache of full prompt blocks
+ * (hash chained from the parent block, confirmed by comparing tokens), LRU eviction of
+ * unreferenced cached blocks, and attention straight over the blocks (see paged_kv.c and
+ * paged_attention.c). Every call is serialized by the cache's own mutex. Failures return a
+ * status with zm_last_report filled; report.detail is a zm_pkv_problem_t. */
+
+typedef struct zm_paged_kv zm_paged_kv_t;
+
+enum { ZM_KV_F32 = 0, ZM_KV_F16 = 1, ZM_KV_BF16 = 2 };
+
+typedef struct zm_paged_kv_config {
+    size_t n_layers, n_kv_heads, head_dim; /* head_dim <= ZM_PKV_MAX_HEAD_DIM */
+    size_t num_blocks;                     /* < 2^31 */
+    size_t block_size;                     /* positions per block */
+    int dtype;                             /* ZM_KV_* */
+} zm_paged_kv_config_t;
+
+enum { ZM_PKV_MAX_HEAD_DIM = 1024 };
+
+typedef struct zm_paged_kv_stats {
+    size_t blocks_total, blocks_in_use, blocks_cached, blocks_free;
+    size_t tokens_held;  /* positions written in blocks in use (a shared block counts once) */
+    size_t slots_held;   /* blocks_in_use * block_size */
+    size_t sequences;    /* live */
+    size_t prefix_hits;  /* blocks served by the prefix cache */
+    size_t evictions;    /* cached blocks reused for something else */
+    size_t block_bytes, pool_bytes, meta_bytes;
+} zm_paged_kv_stats_t;
+
+typedef struct zm_paged_kv_seq_info {
+    size_t seq_len, cached_tokens, n_blocks, step_len; /* step_len: the open step's n_new */
+    size_t layers_written;                              /* in the open step */
+} zm_paged_kv_seq_info_t;
+
+/* What a failed call found wrong (zm_report_t.detail). given: the offending value;
+ * expected: the limit it broke; offset: its index in an array argument. */
+typedef enum zm_pkv_problem {
+    ZM_PKV_UNKNOWN_SEQUENCE = 1, /* ZM_ERR_INVALID_ARG: no such id */
+    ZM_PKV_FREED_SEQUENCE = 2,   /* ZM_ERR_USE_AFTER_FREE: the id was freed */
+    ZM_PKV_BAD_LAYER = 3,
+    ZM_PKV_LAYER_WRITTEN = 4,    /* this layer was already appended in the open step */
+    ZM_PKV_STEP_SIZE = 5,        /* n_new differs from the open step's (expected) */
+    ZM_PKV_STEP_OPEN = 6,        /* fork needs every layer of the step written */
+    ZM_PKV_ROWS = 7,             /* q_len (given) exceeds the layer's length (expected) */
+    ZM_PKV_HEADS = 8,            /* n_heads not a positive multiple of n_kv_heads */
+    ZM_PKV_POOL_FULL = 9,        /* ZM_ERR_OUT_OF_MEMORY: size blocks needed, limit available */
+    ZM_PKV_CONFIG = 10,          /* a bad geometry (given: which field, 0-based) */
+    ZM_PKV_TOO_LONG = 11,        /* ZM_ERR_OUT_OF_MEMORY: more positions (given) than the
+                                    whole pool could ever hold (expected) */
+} zm_pkv_problem_t;
+
+/* All allocations (pool, per-block arrays) or none, from a (for Python: guarded) allocator. */
+int zm_paged_kv_create(zm_allocator_t a, const zm_paged_kv_config_t *cfg, zm_paged_kv_t **out);
+void zm_paged_kv_destroy(zm_paged_kv_t *kv);
+/* tokens may be NULL (no prompt: nothing cached, nothing registered). */
+int zm_paged_kv_add_sequence(zm_paged_kv_t *kv, const int32_t *tokens, size_t n_tokens,
+                             int64_t *out_id);
+int zm_paged_kv_fork(zm_paged_kv_t *kv, int64_t id, int64_t *out_id);
+int zm_paged_kv_free_sequence(zm_paged_kv_t *kv, int64_t id);
+/* k, v: [n_new][n_kv_heads][head_dim] in the cache's dtype, contiguous. */
+int zm_paged_kv_append(zm_paged_kv_t *kv, int64_t id, size_t layer, const void *k,
+                       const void *v, size_t n_new);
+/* *out = 1 when a step of n_new positions can be appended now (evicting cached blocks). */
+int zm_paged_kv_can_append(zm_paged_kv_t *kv, int64_t id, size_t n_new, int *out);
+int zm_paged_kv_seq_info(zm_paged_kv_t *kv, int64_t id, zm_paged_kv_seq_info_t *out);
+/* Positions `layer` holds (seq_len, or the open step's end once the layer is written). */
+int zm_paged_kv_layer_len(zm_paged_kv_t *kv, int64_t id, size_t layer, size_t *out);
+/* Copy min(cap, n_blocks) block ids into out. */
+int zm_paged_kv_block_table(zm_paged_kv_t *kv, int64_t id, int32_t *out, size_t cap);
+/* which: 0 keys, 1 values. Copies the layer's first n positions ([n][heads][dim], the cache's
+ * dtype); n must be <= zm_paged_kv_layer_len. */
+int zm_paged_kv_gather(zm_paged_kv_t *kv, int64_t id, size_t layer, int which, void *out,
+                       size_t n);
+void zm_paged_kv_stats(zm_paged_kv_t *kv, zm_paged_kv_stats_t *out);
+/* Where the pool lies (to measure its resident pages). */
+void zm_paged_kv_pool_span(zm_paged_kv_t *kv, uintptr_t *address, size_t *nbytes);
+/* The block's reference count, or -1 for no such block (tests). */
+int32_t zm_paged_kv_refcount(zm_paged_kv_t *kv, int32_t block);
+/* Verify the bookkeeping (every block in exactly one state, refcounts equal the tables'
+ * references, hash chains and LRU consistent): ZM_OK or ZM_ERR_INVALID_ARG. */
+int zm_paged_kv_check(zm_paged_kv_t *kv);
+/* Attention of `layer` for n_seqs sequences: q [sum(q_lens)][n_heads][head_dim] float32,
+ * the rows of sequence i being its last q_lens[i] positions (causal over its whole
+ * history); out, same shape. Each (sequence, head) is computed alone in a fixed order, so
+ * the result does not depend on the other sequences or on the worker pool's thread count
+ * (zm_set_num_threads), which runs it. */
+int zm_paged_kv_attention(zm_paged_kv_t *kv, size_t layer, const int64_t *ids,
+                          const int64_t *q_lens, size_t n_seqs, const float *q,
+                          size_t n_heads, float *out);
+/* The instruction set the kernel uses here: "avx512f", "avx2" or "portable". */
+const char *zm_paged_attention_isa(void);
+/* Use another supported instruction set ("avx512f", "avx2", "portable"), for tests;
+ * ZM_ERR_INVALID_ARG if this CPU lacks it. */
+int zm_paged_attention_use_isa(const char *name);
 
 /* ---------------------------------------------------------------- quantized matrix kernels
  *

@@ -57,6 +57,8 @@ def main(argv=None) -> int:
                         help="write the figures, and the memory timeline, to this file")
     parser.add_argument("--memory-plot", default=None, metavar="FILE",
                         help="draw the memory timeline (a mark per token) to FILE, .png or .svg")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="answer every line of FILE at once (continuous batching, greedy)")
     args = parser.parse_args(argv)
     if args.memory_plot and os.path.splitext(args.memory_plot)[1].lower() not in (".png", ".svg"):
         parser.error(f"--memory-plot must name a .png or .svg file, not {args.memory_plot!r}")
@@ -98,6 +100,8 @@ def _chat(args, timeline) -> tuple[str | None, dict]:
     except (FileNotFoundError, zm.WeightFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None, {}
+    if args.prompts:
+        return batch_main(model, args, mark)
     print(f"> {args.prompt}\n", flush=True)
     model.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                    top_k=args.top_k, stream=lambda text: print(text, end="", flush=True),
@@ -113,6 +117,35 @@ def _chat(args, timeline) -> tuple[str | None, dict]:
     figures["session_deinit"] = verdict
     print(f"\nsession allocator deinit: {verdict!r}")
     return verdict, figures
+
+
+def batch_main(model, args, mark) -> tuple[str | None, dict]:
+    """``--prompts FILE``: every line's greedy answer from one batched run, then the figures;
+    the batcher marks each step. (None, {}) when the prompts cannot be read."""
+    try:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        model.close()
+        return None, {}
+    if not prompts:
+        print(f"error: {args.prompts} holds no prompt", file=sys.stderr)
+        model.close()
+        return None, {}
+    answers = model.generate_batch(prompts, max_tokens=args.max_tokens)
+    for prompt, answer in zip(prompts, answers):
+        print(f"> {prompt}\n{answer}\n")
+    run = model.last_batch
+    print(f"{run['prompts']} prompts, {run['generated_tokens']} tokens in {run['steps']} "
+          f"batched steps, {run['seconds']:.2f} s: {run['generated_tokens_per_second']:.1f} "
+          f"tokens/s; {run['cached_prompt_tokens']} prompt tokens served by the prefix cache")
+    print()
+    print(zm.memory_report())
+    verdict = model.close()
+    mark("closed")
+    print(f"\nsession allocator deinit: {verdict!r}")
+    return verdict, {**run, "session_deinit": verdict}
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import numpy as np
 import zigmem as zm
 from zigmem import ops
 
+from .activations import Activations
 from .tokenizer import GGUFTokenizer
 
 _MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -109,6 +110,7 @@ class Llama:
         del freqs, angles, cos, sin
         self.cache = zm.KVCache(self.kv_memory, self.n_layers, self.n_kv_heads, self.head_dim,
                                 self.context, dtype="float16")
+        self._batcher = None  # generate_batch's, made on first use
         self.load_seconds = time.perf_counter() - t0
 
     def _vector(self, name: str) -> np.ndarray:
@@ -183,8 +185,8 @@ class Llama:
 
     def _forward(self, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
         n = ids.size
-        with self.arena.numpy() if self.use_arena else _no_arena():  # lives for this call
-            a = _Activations(n, self.dim, self.n_kv_heads * self.head_dim,
+        with self.arena.numpy() if self.use_arena else contextlib.nullcontext():  # lives for this call
+            a = Activations(n, self.dim, self.n_kv_heads * self.head_dim,
                              self.layers[0]["ffn_gate"].shape[0] if self.layers else 0)
             self.embedding.rows(ids, out=a.x)
             for index, layer in enumerate(self.layers):
@@ -199,7 +201,7 @@ class Llama:
             self.arena.reset("retain_capacity")
         return result
 
-    def _block(self, index: int, layer: dict, a: _Activations, start: int) -> None:
+    def _block(self, index: int, layer: dict, a: Activations, start: int) -> None:
         """One transformer block, updating the residual stream ``a.x`` in place."""
         ops.rms_norm(a.x, layer["attn_norm"], self.eps, out=a.h)
         layer["attn_q"].matmul(a.h, out=a.q)
@@ -298,6 +300,18 @@ class Llama:
             "generated_tokens_per_second": steps / generate_seconds if steps else 0.0,
         }
 
+    def generate_batch(self, prompts, max_tokens=64, chat: bool = True) -> list[str]:
+        """Greedy answers to several prompts at once (continuous batching over a
+        PagedKVCache, see :mod:`zigmem.demo.batch`); each equals ``generate(prompt)``.
+        ``max_tokens``: one int, or one per prompt. Statistics in ``self.last_batch``."""
+        from .batch import Batcher
+
+        if self._batcher is None:
+            self._batcher = Batcher(self)
+        answers = self._batcher.generate(prompts, max_tokens, chat=chat)
+        self.last_batch = self._batcher.last_run
+        return answers
+
     # ------------------------------------------------------------ memory and lifetime
 
     def memory(self) -> dict:
@@ -321,6 +335,8 @@ class Llama:
     def close(self) -> str:
         """Release everything; returns the session allocator's verdict, "ok" or "leak"."""
         self.cache.deinit()
+        if self._batcher is not None:
+            self._batcher.close()
         self.layers = self.embedding = self.output = self.cos = self.sin = None
         self.output_norm = None
         self.arena.deinit()
@@ -342,27 +358,6 @@ class Llama:
     def __reduce_ex__(self, protocol):
         raise TypeError("Llama cannot be pickled: it owns allocators and a mapped file; "
                         "pickle the path and call load_model(path) again")
-
-
-class _Activations:
-    """The buffers of one forward call over ``n`` tokens; the kernels write into them."""
-
-    __slots__ = ("x", "h", "q", "k", "v", "attended", "o", "gate", "up")
-
-    def __init__(self, n: int, dim: int, kv_dim: int, ff: int) -> None:
-        self.x, self.h = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
-        self.q, self.attended = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
-        self.k, self.v = np.empty((n, kv_dim), np.float32), np.empty((n, kv_dim), np.float32)
-        self.o = np.empty((n, dim), np.float32)
-        self.gate, self.up = np.empty((n, ff), np.float32), np.empty((n, ff), np.float32)
-
-
-class _no_arena:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _sample(logits: np.ndarray, temperature: float, top_k: int | None, rng) -> int:

@@ -1,0 +1,49 @@
+/* paged KV cache */
+typedef struct zm_paged_kv zm_paged_kv_t;
+#define ZM_KV_F32 ...
+#define ZM_KV_F16 ...
+#define ZM_KV_BF16 ...
+#define ZM_PKV_MAX_HEAD_DIM ...
+typedef struct { size_t n_layers; size_t n_kv_heads; size_t head_dim; size_t num_blocks;
+                 size_t block_size; int dtype; } zm_paged_kv_config_t;
+typedef struct { size_t blocks_total; size_t blocks_in_use; size_t blocks_cached;
+                 size_t blocks_free; size_t tokens_held; size_t slots_held; size_t sequences;
+                 size_t prefix_hits; size_t evictions; size_t block_bytes; size_t pool_bytes;
+                 size_t meta_bytes; } zm_paged_kv_stats_t;
+typedef struct { size_t seq_len; size_t cached_tokens; size_t n_blocks; size_t step_len;
+                 size_t layers_written; } zm_paged_kv_seq_info_t;
+#define ZM_PKV_UNKNOWN_SEQUENCE ...
+#define ZM_PKV_FREED_SEQUENCE ...
+#define ZM_PKV_BAD_LAYER ...
+#define ZM_PKV_LAYER_WRITTEN ...
+#define ZM_PKV_STEP_SIZE ...
+#define ZM_PKV_STEP_OPEN ...
+#define ZM_PKV_ROWS ...
+#define ZM_PKV_HEADS ...
+#define ZM_PKV_POOL_FULL ...
+#define ZM_PKV_CONFIG ...
+#define ZM_PKV_TOO_LONG ...
+int zm_paged_kv_create(zm_allocator_t a, const zm_paged_kv_config_t *cfg,
+                       zm_paged_kv_t **out);
+void zm_paged_kv_destroy(zm_paged_kv_t *kv);
+int zm_paged_kv_add_sequence(zm_paged_kv_t *kv, const int32_t *tokens, size_t n_tokens,
+                             int64_t *out_id);
+int zm_paged_kv_fork(zm_paged_kv_t *kv, int64_t id, int64_t *out_id);
+int zm_paged_kv_free_sequence(zm_paged_kv_t *kv, int64_t id);
+int zm_paged_kv_append(zm_paged_kv_t *kv, int64_t id, size_t layer, const void *k,
+                       const void *v, size_t n_new);
+int zm_paged_kv_can_append(zm_paged_kv_t *kv, int64_t id, size_t n_new, int *out);
+int zm_paged_kv_seq_info(zm_paged_kv_t *kv, int64_t id, zm_paged_kv_seq_info_t *out);
+int zm_paged_kv_layer_len(zm_paged_kv_t *kv, int64_t id, size_t layer, size_t *out);
+int zm_paged_kv_block_table(zm_paged_kv_t *kv, int64_t id, int32_t *out, size_t cap);
+int zm_paged_kv_gather(zm_paged_kv_t *kv, int64_t id, size_t layer, int which, void *out,
+                       size_t n);
+void zm_paged_kv_stats(zm_paged_kv_t *kv, zm_paged_kv_stats_t *out);
+void zm_paged_kv_pool_span(zm_paged_kv_t *kv, uintptr_t *address, size_t *nbytes);
+int32_t zm_paged_kv_refcount(zm_paged_kv_t *kv, int32_t block);
+int zm_paged_kv_check(zm_paged_kv_t *kv);
+int zm_paged_kv_attention(zm_paged_kv_t *kv, size_t layer, const int64_t *ids,
+                          const int64_t *q_lens, size_t n_seqs, const float *q,
+                          size_t n_heads, float *out);
+const char *zm_paged_attention_isa(void);
+int zm_paged_attention_use_isa(const char *name);
