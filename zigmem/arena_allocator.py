@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import _registry
 from ._binding import check_size, ffi, lib
 from .allocator import Allocator
 from .errors import ArenaEscapeError, InvalidArgumentError
@@ -44,6 +45,7 @@ class ArenaAllocator(Allocator):
         lib.zm_arena_allocator(self._state, inner)
         super().__init__(inner, (child,))
         self._retained = ffi.new("int *")
+        _registry.register(self)
 
     @property
     def capacity(self) -> int:
@@ -83,6 +85,16 @@ class ArenaAllocator(Allocator):
 
     def _c_deinit(self, guards, holds, n: int) -> int:
         return lib.zm_py_arena_deinit(guards, holds, n, self._state)
+
+    # memory timeline (zigmem/_registry.py): the capacity it holds
+    def _timeline_name(self) -> str:
+        return f"arena on {_registry.allocator_label(self.child)}"
+
+    def _timeline_parent(self) -> Allocator:
+        return self.child
+
+    def _timeline_sample(self) -> dict | None:
+        return None if self._closed else {"held": self.capacity}
 
     def __repr__(self) -> str:
         return f"ArenaAllocator(child={self.child!r}, capacity={self.capacity})"

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from . import _registry
 from ._ownership import OwnsCState
 from .allocator import Allocator
 from .buffer import Buffer
@@ -102,6 +103,7 @@ class KVCache(OwnsCState):
         self._caps = [capacity] * len(self._slabs)  # positions each slab is laid out for
         self._capacity = capacity
         self._pairs = self._make_views()
+        _registry.register(self)
 
     # ------------------------------------------------------------ geometry and views
 
@@ -321,6 +323,20 @@ class KVCache(OwnsCState):
             if buf.is_live:
                 self.allocator.free(buf)
             self._slabs.pop()
+
+    # memory timeline (zigmem/_registry.py): bytes held, bytes the positions written use
+    def _timeline_name(self) -> str:
+        return f"KVCache on {_registry.allocator_label(self.allocator)}"
+
+    def _timeline_parent(self) -> Allocator:
+        return self.allocator
+
+    def _timeline_sample(self) -> dict | None:
+        if not self._slabs:
+            return None
+        per_position = 2 * self.n_layers * self._slab_bytes(1)
+        return {"held": self.nbytes, "used": self._seq_len * per_position,
+                "positions": self._seq_len, "capacity": self._capacity}
 
     def __enter__(self) -> KVCache:
         return self

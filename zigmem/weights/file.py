@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from .. import _registry
 from .._binding import ffi, lib, mapping_failure
 from .._ownership import OwnsCState
 from .._residency import resident_bytes
@@ -56,6 +57,7 @@ class WeightFile(OwnsCState, Mapping):
         self._infos: Mapping[str, TensorInfo] | None = infos
         self._owner, self._root = owner, root
         self.nbytes = root.size
+        _registry.register(self)
 
     # ------------------------------------------------------------ mapping protocol
 
@@ -150,6 +152,16 @@ class WeightFile(OwnsCState, Mapping):
         """How much of the file is in memory now (mincore), for memory reports."""
         root = self._live_root()
         return resident_bytes(root.ctypes.data, root.size)
+
+    # memory timeline (zigmem/_registry.py): bytes mapped, and resident now (mincore)
+    def _timeline_name(self) -> str:
+        return f"weights {os.fsdecode(os.path.basename(self.path))}"
+
+    def _timeline_sample(self) -> dict | None:
+        root = self._root  # a local: a close() in another thread cannot unmap it under us
+        if root is None:
+            return None
+        return {"held": root.size, "resident": resident_bytes(root.ctypes.data, root.size)}
 
     def close(self) -> None:
         """Release the file. Views still alive keep the mapping until they die."""
