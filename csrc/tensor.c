@@ -9,18 +9,24 @@
 
 int zm_tensor_init(zm_tensor_t *t, zm_allocator_t a, const int64_t *shape, size_t ndim,
                    size_t itemsize) {
-    size_t n = itemsize, meta;
+    /* As numpy: the product of the non-zero dims (the strides) must fit in int64 even when
+     * a zero dim makes the tensor empty. */
+    size_t span = itemsize, meta;
+    bool empty = false;
     memset(t, 0, sizeof *t);
     for (size_t i = 0; i < ndim; i++) {
         if (shape[i] < 0) {
             zm_fail(ZM_ERR_INVALID_ARG, i, 0, 0);
             return ZM_ERR_INVALID_ARG;
         }
-        if (__builtin_mul_overflow(n, (size_t)shape[i], &n)) {
-            zm_fail(ZM_ERR_TOO_LARGE, n, 0, 0);
+        if (shape[i] == 0) {
+            empty = true;
+        } else if (__builtin_mul_overflow(span, (size_t)shape[i], &span) || span > INT64_MAX) {
+            zm_fail(ZM_ERR_TOO_LARGE, 0, 0, 0);
             return ZM_ERR_TOO_LARGE;
         }
     }
+    size_t n = empty ? 0 : span;
     if (__builtin_mul_overflow(ndim, sizeof(int64_t), &meta)) return ZM_ERR_TOO_LARGE;
     void *data = zm_alloc(a, n, 64);
     if (!data) return zm_last_report()->code ? zm_last_report()->code : ZM_ERR_OUT_OF_MEMORY;

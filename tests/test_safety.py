@@ -721,6 +721,15 @@ def test_scope_decorator_on_generators_and_coroutines_runs_cleanups_after_the_bo
     lambda a: zm.FixedBufferAllocator(bytearray(64)).owns("abc"),
     lambda a: zm.KVCache(a, 1, 1, 4, 8).append(0, [[[1, 2, 3, 4]], [[1, 2]]], [[[1, 2, 3, 4]]]),
     lambda a: zm.KVCache(a, 1, 1, 4, 8, dtype=["f"]),
+    lambda a: zm.KVCache(a, True, 1, 4, 8),
+    lambda a: zm.KVCache(a, 2**40, 1, 1, 1),
+    lambda a: zm.GeneralPurposeAllocator(safety="no"),
+    lambda a: zm.PageAllocator(huge_pages="yes"),
+    lambda a: zm.Scope().enter(5),
+    lambda a: zm.Scope().defer(5),
+    lambda a: zm.ops.rms_norm(np.ones((1, 4), np.float32), np.ones(4, np.float32), "a"),
+    lambda a: zm.ops.rms_norm(np.ones((1, 4), np.float32), np.ones(4, np.float32), 10**400),
+    lambda a: zm.save_safetensors("/tmp", {"x": np.ones(2)}),
 ])
 def test_wrong_types_give_zigmem_errors(call):
     arena = zm.ArenaAllocator()
@@ -730,8 +739,11 @@ def test_wrong_types_give_zigmem_errors(call):
 
 def test_tensor_messages_name_the_tensor():
     arena = zm.ArenaAllocator()
-    with pytest.raises(zm.OutOfMemoryError, match=r"\d{20,} bytes do not fit"):
+    with pytest.raises(zm.OutOfMemoryError, match=r"span \d{20,} bytes"):
         zm.Tensor(arena, (2**40, 2**40))
+    with pytest.raises(zm.OutOfMemoryError, match=r"span \d{20,} bytes"):
+        zm.Tensor(arena, (2**40, 2**40, 0))
+    assert zm.Tensor(arena, (2**20, 2**20, 0)).data.size == 0
     t = zm.Tensor(arena, (4, 4))
     t.deinit()
     with pytest.raises(zm.DoubleFreeError, match=r"Tensor\(shape=\(4, 4\), dtype=float32, 64 B\)"):

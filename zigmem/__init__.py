@@ -34,6 +34,7 @@ from .paged_kv_cache import PagedKVCache, PagedKVStats
 from .report import memory_report
 from .scope import Scope
 from .tensor import Tensor
+from .timeline import Timeline, record_memory
 from .threads import get_num_threads, set_num_threads
 from .weights import QuantizedMatrix, TensorInfo, WeightFile, load_weights, save_safetensors
 
@@ -47,6 +48,7 @@ __all__ = [
     "memory_report", "ops", "testing", "Scope", "Tensor", "KVCache", "PagedKVCache",
     "PagedKVStats", "load_weights", "WeightFile", "TensorInfo", "QuantizedMatrix",
     "save_safetensors", "set_num_threads", "get_num_threads",
+    "record_memory", "Timeline",
     "ZigmemError", "OutOfMemoryError", "InvalidArgumentError", "MemorySafetyError",
     "DoubleFreeError", "UseAfterFreeError", "BufferOverflowError", "InvalidFreeError",
     "LeakError", "DanglingViewError", "ArenaEscapeError", "WeightFormatError",

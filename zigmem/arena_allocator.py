@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from . import _registry
 from ._binding import CData, check_size, ffi, lib
 from .allocator import Allocator
 from .errors import ArenaEscapeError, InvalidArgumentError
@@ -44,6 +47,7 @@ class ArenaAllocator(Allocator):
         lib.zm_arena_allocator(self._state, inner)
         super().__init__(inner, (child,))
         self._retained = ffi.new("int *")
+        _registry.register(self)
 
     @property
     def capacity(self) -> int:
@@ -85,6 +89,16 @@ class ArenaAllocator(Allocator):
     def _c_deinit(self, guards: CData, holds: CData, n: int) -> int:
         status: int = lib.zm_py_arena_deinit(guards, holds, n, self._state)
         return status
+
+    # memory timeline (zigmem/_registry.py): the capacity it holds
+    def _timeline_name(self) -> str:
+        return f"arena on {_registry.allocator_label(self.child)}"
+
+    def _timeline_parent(self) -> Allocator:
+        return self.child
+
+    def _timeline_sample(self) -> dict[str, Any] | None:
+        return None if self._closed else {"held": self.capacity}
 
     def __repr__(self) -> str:
         return f"ArenaAllocator(child={self.child!r}, capacity={self.capacity})"

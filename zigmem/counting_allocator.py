@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
+from . import _registry as _timeline_registry
 from ._binding import ffi, lib
 from ._concurrency import snapshot
 from .allocator import Allocator
@@ -45,6 +47,7 @@ class CountingAllocator(Allocator):
     """
 
     thread_safe = True
+    _names_a_subsystem = True  # memory timelines name what sits on it after its name
 
     def __init__(self, child: Allocator = page_allocator, name: str = "counting") -> None:
         self.child = self._wrap(child)
@@ -56,6 +59,7 @@ class CountingAllocator(Allocator):
         super().__init__(inner, (child,))
         self._order = next(_creation_order)
         _registry.add(self)
+        _timeline_registry.register(self)
 
     @property
     def stats(self) -> CountingStats:
@@ -72,6 +76,19 @@ class CountingAllocator(Allocator):
 
     def _describe(self) -> str:
         return f"CountingAllocator {self.name!r}"
+
+    # memory timeline (zigmem/_registry.py): current and peak bytes, blocks held
+    def _timeline_name(self) -> str:
+        return self.name
+
+    def _timeline_parent(self) -> Allocator:
+        return self.child
+
+    def _timeline_sample(self) -> dict[str, Any] | None:
+        if self._closed:
+            return None
+        s = self._state
+        return {"held": s.current_bytes, "peak": s.peak_bytes, "blocks": s.current_count}
 
     def __repr__(self) -> str:
         s = self.stats

@@ -8,7 +8,7 @@ from . import _sites
 from ._binding import SIZE_MAX, CData, check_size, failure, ffi, lib, raise_failure
 from ._format import format_address, format_bytes
 from .allocator import Allocator
-from .errors import LeakError, OutOfMemoryError
+from .errors import InvalidArgumentError, LeakError, OutOfMemoryError
 
 DEFAULT_QUARANTINE = 4 << 20
 
@@ -69,6 +69,10 @@ class GeneralPurposeAllocator(Allocator):
     def __init__(self, safety: bool = True, thread_safe: bool = True, never_unmap: bool = False,
                  stack_trace_frames: int = 6, memory_limit: int | None = None,
                  quarantine_bytes: int = DEFAULT_QUARANTINE) -> None:
+        for name, flag in (("safety", safety), ("thread_safe", thread_safe),
+                           ("never_unmap", never_unmap)):
+            if not isinstance(flag, bool):
+                raise InvalidArgumentError(f"{name} must be True or False, not {flag!r}")
         limit = SIZE_MAX if memory_limit is None else check_size(memory_limit, "memory_limit")
         config = ffi.new("zm_gpa_config_t *", {
             "safety": bool(safety), "thread_safe": bool(thread_safe),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import SupportsIndex
+from typing import Any, SupportsIndex
 
 import numpy as np
 import numpy.typing as npt
 
+from . import _registry
 from ._ownership import OwnsCState
 from .allocator import Allocator
 from .buffer import Buffer
@@ -17,6 +18,7 @@ from .scope import Scope
 
 _GROWTH = ("preallocate", "double")
 _FIRST_CAPACITY = 16  # positions, for growth="double"
+_MAX_LAYERS = 1 << 16
 
 
 class KVCache(OwnsCState):
@@ -74,6 +76,8 @@ class KVCache(OwnsCState):
         self.n_kv_heads = _positive(n_kv_heads, "n_kv_heads")
         self.head_dim = _positive(head_dim, "head_dim")
         self.max_seq_len = _positive(max_seq_len, "max_seq_len")
+        if self.n_layers > _MAX_LAYERS:  # a slab pair per layer, each a Python object
+            raise InvalidArgumentError(f"n_layers must be at most {_MAX_LAYERS}, got {self.n_layers}")
         self.batch = _positive(batch, "batch")
         self.dtype = resolve(dtype)
         if self.dtype.name not in ("float16", "bfloat16", "float32"):
@@ -101,6 +105,7 @@ class KVCache(OwnsCState):
         self._caps = [capacity] * len(self._slabs)  # positions each slab is laid out for
         self._capacity = capacity
         self._pairs: list[tuple[np.ndarray, np.ndarray]] | None = self._make_views()
+        _registry.register(self)
 
     # ------------------------------------------------------------ geometry and views
 
@@ -322,6 +327,20 @@ class KVCache(OwnsCState):
                 self.allocator.free(buf)
             self._slabs.pop()
 
+    # memory timeline (zigmem/_registry.py): bytes held, bytes the positions written use
+    def _timeline_name(self) -> str:
+        return f"KVCache on {_registry.allocator_label(self.allocator)}"
+
+    def _timeline_parent(self) -> Allocator:
+        return self.allocator
+
+    def _timeline_sample(self) -> dict[str, Any] | None:
+        if not self._slabs:
+            return None
+        per_position = 2 * self.n_layers * self._slab_bytes(1)
+        return {"held": self.nbytes, "used": self._seq_len * per_position,
+                "positions": self._seq_len, "capacity": self._capacity}
+
     def __enter__(self) -> KVCache:
         return self
 
@@ -341,6 +360,8 @@ def _array(x: npt.ArrayLike, name: str) -> np.ndarray:
 
 
 def _positive(value: SupportsIndex, name: str) -> int:
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be an integer, not a bool")
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidArgumentError(f"{name} must be a finite integer, got {value!r}")
     try:

@@ -116,7 +116,10 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float,
     if x.ndim < 1 or weight.shape != x.shape[-1:] or x.shape[-1] == 0:
         raise InvalidArgumentError(f"weight must be [dim] = {list(x.shape[-1:])} and dim > 0, "
                                    f"got x {list(x.shape)}, weight {list(weight.shape)}")
-    eps = float(eps)
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidArgumentError(f"eps must be a number, not {eps!r}") from None
     if not 0.0 <= eps < _INF:
         raise InvalidArgumentError(f"eps must be a finite non-negative number, got {eps}")
     out = _out(out, x.shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._binding import ffi, lib
 from .allocator import Allocator
+from .errors import InvalidArgumentError
 
 
 class PageAllocator(Allocator):
@@ -32,6 +33,9 @@ class PageAllocator(Allocator):
 
     def __init__(self, huge_pages: bool = False, populate: bool = False,
                  lock: bool = False) -> None:
+        for name, flag in (("huge_pages", huge_pages), ("populate", populate), ("lock", lock)):
+            if not isinstance(flag, bool):
+                raise InvalidArgumentError(f"{name} must be True or False, not {flag!r}")
         flags = (
             (lib.ZM_PAGE_HUGE_PAGES if huge_pages else 0)
             | (lib.ZM_PAGE_POPULATE if populate else 0)

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 import numpy as np
 import numpy.typing as npt
 
+from . import _registry as _timeline_registry
 from ._binding import CData, ffi, lib, paged_kv_failure
 from ._concurrency import snapshot
 from .allocator import Allocator
@@ -159,6 +160,7 @@ class PagedKVCache:
             raise paged_kv_failure(f"PagedKVCache({self.num_blocks} blocks of {self.block_size})")
         self._kv = out[0]
         _registry.add(self)
+        _timeline_registry.register(self)
 
     # ------------------------------------------------------------ sequences
 
@@ -400,6 +402,24 @@ class PagedKVCache:
             self._out[0] = ffi.NULL
             lib.zm_paged_kv_destroy(kv)
             self.allocator._remove_c_user(self._token)
+
+    # memory timeline (zigmem/_registry.py): the pool held, the bytes of blocks in use and
+    # of cached (prefix) blocks, and the blocks and tokens behind them
+    def _timeline_name(self) -> str:
+        return f"PagedKVCache on {_timeline_registry.allocator_label(self.allocator)}"
+
+    def _timeline_parent(self) -> Allocator:
+        return self.allocator
+
+    def _timeline_sample(self) -> dict[str, Any] | None:
+        try:
+            st = self.stats
+        except UseAfterFreeError:  # deinitialised, perhaps by another thread just now
+            return None
+        return {"held": st.pool_bytes, "used": st.bytes_in_use,
+                "cached": st.blocks_cached * st.block_bytes, "blocks_in_use": st.blocks_in_use,
+                "blocks_cached": st.blocks_cached, "blocks_free": st.blocks_free,
+                "tokens": st.tokens_held, "sequences": st.sequences}
 
     def __enter__(self) -> PagedKVCache:
         return self

@@ -20,6 +20,13 @@ class _Deinitable(Protocol):
 
     def deinit(self) -> object: ...
 
+from .errors import InvalidArgumentError
+
+
+def _check_callable(fn: object) -> None:
+    if not callable(fn):
+        raise InvalidArgumentError(f"a cleanup must be callable, not {type(fn).__name__}")
+
 
 class Scope:
     """Runs registered cleanups when the ``with`` block exits, last registered first.
@@ -54,17 +61,23 @@ class Scope:
 
     def defer(self, fn: _F, *args: Any, **kwargs: Any) -> _F:
         """Run ``fn(*args, **kwargs)`` when the block exits. Returns ``fn``."""
+        _check_callable(fn)
         self._cleanups.append((False, fn, args, kwargs))
         return fn
 
     def errdefer(self, fn: _F, *args: Any, **kwargs: Any) -> _F:
         """Run ``fn(*args, **kwargs)`` only if the block exits with an exception."""
+        _check_callable(fn)
         self._cleanups.append((True, fn, args, kwargs))
         return fn
 
     def enter(self, obj: _D, *, errdefer: bool = False) -> _D:
         """Register ``obj.deinit`` (deferred, or only on error) and return ``obj``."""
-        (self.errdefer if errdefer else self.defer)(obj.deinit)
+        deinit = getattr(obj, "deinit", None)
+        if not callable(deinit):
+            raise InvalidArgumentError(f"enter() takes an object with a deinit() method, not "
+                                       f"{type(obj).__name__}")
+        (self.errdefer if errdefer else self.defer)(deinit)
         return obj
 
     def __enter__(self) -> Scope:

@@ -226,9 +226,9 @@ def _as_shape(shape: Any) -> tuple[SupportsIndex, ...]:
 
 
 def _too_large(shape: tuple[SupportsIndex, ...], dtype: np.dtype[Any]) -> OutOfMemoryError:
-    total = math.prod(int(d) for d in shape) * dtype.itemsize
-    return OutOfMemoryError(f"Tensor({shape}, {dtype.name}): {total} bytes do not fit in the "
-                            "address space")
+    span = math.prod(n for n in map(int, shape) if n) * dtype.itemsize
+    return OutOfMemoryError(f"Tensor({shape}, {dtype.name}): its dimensions span {span} bytes, "
+                            "beyond what an array can address")
 
 
 def _check_shape(shape: tuple[SupportsIndex, ...]) -> None:

@@ -157,6 +157,7 @@ class Batcher:
                             self.cache.free(r.seq)
                             r.seq = None
                 del logits
+                zm.timeline.mark(f"step {steps}")  # a memory recording, if one is open
         except BaseException as e:
             # An interrupted step (Ctrl-C) leaves frames that view the arena: clear them so
             # it can reset; the sequences in flight are freed below, whatever they held.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 import zigmem as zm
@@ -51,21 +53,59 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="a llama GGUF file (default: SmolLM2-135M)")
     parser.add_argument("--no-arena", action="store_true",
                         help="plain numpy allocations for activations (for comparison)")
-    parser.add_argument("--report-json", default=None, help="write the figures to this file")
+    parser.add_argument("--report-json", default=None,
+                        help="write the figures, and the memory timeline, to this file")
+    parser.add_argument("--memory-plot", default=None, metavar="FILE",
+                        help="draw the memory timeline (a mark per token) to FILE, .png or .svg")
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="answer every line of FILE at once (continuous batching, greedy)")
     args = parser.parse_args(argv)
+    if args.memory_plot and os.path.splitext(args.memory_plot)[1].lower() not in (".png", ".svg"):
+        parser.error(f"--memory-plot must name a .png or .svg file, not {args.memory_plot!r}")
+
+    # Recorded whenever it goes somewhere: a mark per loaded layer and per token.
+    record = args.memory_plot or args.report_json
+    with zm.record_memory() if record else contextlib.nullcontext() as timeline:
+        verdict, figures = _chat(args, timeline)
+    if verdict is None:
+        return 1
+    if timeline is not None:
+        figures["timeline"] = timeline.samples
+    if args.memory_plot:
+        timeline.plot(args.memory_plot)
+        print(f"memory timeline ({len(timeline)} samples): {os.path.abspath(args.memory_plot)}")
+    if args.report_json:
+        with open(args.report_json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0 if verdict == "ok" else 2
+
+
+def _chat(args, timeline) -> tuple[str | None, dict]:
+    """Load, answer, report and close; (None, {}) when the model cannot be loaded."""
+    mark = timeline.mark if timeline is not None else lambda label: None
+
+    def progress(done: int, total: int) -> None:
+        mark(f"load {done}/{total}")
+
+    tokens = 0
+
+    def on_token(token: int) -> None:
+        nonlocal tokens
+        mark("prompt" if tokens == 0 else f"token {tokens}")
+        tokens += 1
 
     try:
-        model = load_model(args.model, context=args.context, arena=not args.no_arena)
+        model = load_model(args.model, context=args.context, arena=not args.no_arena,
+                           progress=progress)
     except (FileNotFoundError, zm.WeightFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return None, {}
     if args.prompts:
-        return batch_main(model, args)
+        return batch_main(model, args, mark)
     print(f"> {args.prompt}\n", flush=True)
     model.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                   top_k=args.top_k, stream=lambda text: print(text, end="", flush=True))
+                   top_k=args.top_k, stream=lambda text: print(text, end="", flush=True),
+                   on_token=on_token)
     run = model.last_run
     print("\n")
     print(report(model, run))
@@ -73,27 +113,26 @@ def main(argv=None) -> int:
     print(zm.memory_report())
     figures = {"load_seconds": model.load_seconds, **run, **model.memory()}
     verdict = model.close()
+    mark("closed")
     figures["session_deinit"] = verdict
     print(f"\nsession allocator deinit: {verdict!r}")
-    if args.report_json:
-        with open(args.report_json, "w") as f:
-            json.dump(figures, f, indent=2)
-    return 0 if verdict == "ok" else 2
+    return verdict, figures
 
 
-def batch_main(model, args) -> int:
-    """``--prompts FILE``: every line's greedy answer from one batched run, then the figures."""
+def batch_main(model, args, mark) -> tuple[str | None, dict]:
+    """``--prompts FILE``: every line's greedy answer from one batched run, then the figures;
+    the batcher marks each step. (None, {}) when the prompts cannot be read."""
     try:
         with open(args.prompts, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         model.close()
-        return 1
+        return None, {}
     if not prompts:
         print(f"error: {args.prompts} holds no prompt", file=sys.stderr)
         model.close()
-        return 1
+        return None, {}
     answers = model.generate_batch(prompts, max_tokens=args.max_tokens)
     for prompt, answer in zip(prompts, answers):
         print(f"> {prompt}\n{answer}\n")
@@ -104,8 +143,9 @@ def batch_main(model, args) -> int:
     print()
     print(zm.memory_report())
     verdict = model.close()
+    mark("closed")
     print(f"\nsession allocator deinit: {verdict!r}")
-    return 0 if verdict == "ok" else 2
+    return verdict, {**run, "session_deinit": verdict}
 
 
 if __name__ == "__main__":

@@ -236,23 +236,28 @@ class Llama:
         self.cache.reset()
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0,
-                 top_k: int | None = None, chat: bool = True, stream=None, seed: int = 0) -> str:
+                 top_k: int | None = None, chat: bool = True, stream=None, seed: int = 0,
+                 on_token=None) -> str:
         """Answer ``prompt``: greedy by default, else sampled with ``temperature`` (and
-        ``top_k``). ``stream(text)`` receives the answer as it grows. Statistics of the run
-        are left in ``self.last_run``."""
+        ``top_k``). ``stream(text)`` receives the answer as it grows; ``on_token(token)``
+        each answer token as it comes, the first right after the prompt (the demo's memory
+        timeline marks there). Statistics of the run are left in ``self.last_run``."""
         ids = self.tokenizer.encode(self.tokenizer.chat(prompt) if chat else prompt)
         answer, printed = [], [""]
 
-        def on_token(token: int) -> None:
-            answer.append(token)
-            text = self.tokenizer.decode(answer)
-            if not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-                stream(text[len(printed[0]):])
-                printed[0] = text
+        def on_answer_token(token: int) -> None:
+            if stream:
+                answer.append(token)
+                text = self.tokenizer.decode(answer)
+                if not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+                    stream(text[len(printed[0]):])
+                    printed[0] = text
+            if on_token:
+                on_token(token)
 
         tokens, self.last_run = self.generate_ids(
             ids, max_tokens, temperature, top_k, stops=self.tokenizer.stops(), seed=seed,
-            on_token=on_token if stream else None)
+            on_token=on_answer_token if stream or on_token else None)
         text = self.tokenizer.decode(tokens)
         if stream and len(text) > len(printed[0]):
             stream(text[len(printed[0]):])

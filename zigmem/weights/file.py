@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import _registry
 from .._binding import ffi, lib, mapping_failure
 from .._ownership import OwnsCState
 from .._residency import resident_bytes
@@ -64,6 +65,7 @@ class WeightFile(OwnsCState, Mapping[str, np.ndarray]):
         self._owner: _MappedFile | None = owner
         self._root: np.ndarray | None = root
         self.nbytes = root.size
+        _registry.register(self)
 
     # ------------------------------------------------------------ mapping protocol
 
@@ -124,11 +126,7 @@ class WeightFile(OwnsCState, Mapping[str, np.ndarray]):
                 zigmem allocator.
             KeyError: no tensor is named ``name``.
         """
-        from ..allocator import Allocator
 
-        if allocator is not None and not isinstance(allocator, Allocator):
-            raise InvalidArgumentError(f"allocator must be a zigmem allocator or None, not "
-                                       f"{type(allocator).__name__}")
         info = self._info(name)
         ggml = type_id(info.dtype, f"cannot dequantize {name}")
         src = self._live_root()[info.offset: info.offset + info.nbytes]
@@ -159,6 +157,16 @@ class WeightFile(OwnsCState, Mapping[str, np.ndarray]):
         """How much of the file is in memory now (mincore), for memory reports."""
         root = self._live_root()
         return resident_bytes(root.ctypes.data, root.size)
+
+    # memory timeline (zigmem/_registry.py): bytes mapped, and resident now (mincore)
+    def _timeline_name(self) -> str:
+        return f"weights {os.fsdecode(os.path.basename(self.path))}"
+
+    def _timeline_sample(self) -> dict[str, Any] | None:
+        root = self._root  # a local: a close() in another thread cannot unmap it under us
+        if root is None:
+            return None
+        return {"held": root.size, "resident": resident_bytes(root.ctypes.data, root.size)}
 
     def close(self) -> None:
         """Release the file. Views still alive keep the mapping until they die."""

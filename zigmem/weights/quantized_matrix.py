@@ -56,8 +56,12 @@ def type_id(dtype: str, what: str) -> int:
 def dequantize_bytes(ggml: int, data: np.ndarray, shape: tuple[int, ...],
                      allocator: Allocator | None, what: str) -> np.ndarray:
     """``data`` (a tensor's bytes) as a float32 array of ``shape`` from ``allocator``."""
+    from ..allocator import Allocator
     from ..page_allocator import page_allocator
 
+    if allocator is not None and not isinstance(allocator, Allocator):
+        raise InvalidArgumentError(f"allocator must be a zigmem allocator or None, not "
+                                   f"{type(allocator).__name__}")
     with (allocator or page_allocator).numpy():
         out = np.empty(shape, np.float32)
     n = out.size

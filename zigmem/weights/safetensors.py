@@ -238,6 +238,8 @@ def save_safetensors(path: StrOrBytesPath, tensors: Mapping[str, npt.ArrayLike],
     except TypeError:
         raise InvalidArgumentError(f"path must be a str, bytes or os.PathLike, not "
                                    f"{type(path).__name__}") from None
+    if not os.path.basename(target) or os.path.isdir(target):
+        raise InvalidArgumentError(f"path must name a file, not a directory: {target!r}")
     if not isinstance(tensors, Mapping):
         raise InvalidArgumentError(f"tensors must be a mapping of names to arrays, not "
                                    f"{type(tensors).__name__}")
