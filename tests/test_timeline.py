@@ -4,6 +4,7 @@
 import copy
 import gc
 import json
+import mmap
 import pickle
 import struct
 import sys
@@ -130,7 +131,7 @@ def test_a_weight_file_is_sampled_mapped_and_resident(tmp_path):
     figures = tl.samples[1]["subsystems"]["weights w.safetensors"]
     assert figures["kind"] == "WeightFile" and figures["within"] is None
     assert figures["held"] == path.stat().st_size
-    assert figures["held"] <= figures["resident"] < figures["held"] + 4096
+    assert figures["held"] <= figures["resident"] < figures["held"] + mmap.PAGESIZE
     w.close()
     with zm.record_memory() as tl:
         pass
