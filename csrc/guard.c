@@ -179,14 +179,14 @@ bool zm_guard_enter_checked(zm_guard_t *g, uint64_t gen, uint64_t site) {
         zm_guard_leave(g);
         return false;
     }
-    zm_set_thread_site(site);
+    if (site) zm_set_thread_site(site);
     return true;
 }
 
 /* Leave g, reporting an error the operation found but could not return (a GPA free that
  * found an overflow) if nothing else was reported. */
 int zm_guard_leave_checked(zm_guard_t *g, int status) {
-    zm_set_thread_site(0);
+    if (zm_thread_site()) zm_set_thread_site(0);
     if (g->take_error && status == ZM_OK) status = g->take_error(g->inner.ctx, zm_last_report());
     zm_guard_leave(g);
     return status;
@@ -195,7 +195,7 @@ int zm_guard_leave_checked(zm_guard_t *g, int status) {
 uintptr_t zm_guard_alloc(zm_guard_t *g, uint64_t gen, size_t len, size_t align, uint64_t site) {
     if (!zm_guard_enter_checked(g, gen, site)) return 0;
     void *p = zm_alloc(g->inner, len, align);
-    zm_set_thread_site(0);
+    if (site) zm_set_thread_site(0);
     zm_guard_leave(g);
     return (uintptr_t)p;
 }

@@ -24,6 +24,8 @@ from .errors import (
 _here = _sites.here
 _STALE = lib.ZM_ERR_STALE
 _NO_SITES = (0, 0)
+_tensor_init = lib.zm_py_tensor_init
+_tensor_deinit = lib.zm_py_tensor_deinit
 
 # What a shape may be given as: one integer, or a sequence of them, as numpy takes it.
 ShapeLike: TypeAlias = "SupportsIndex | Sequence[SupportsIndex]"
@@ -70,15 +72,16 @@ class Tensor(OwnsCState):
         self._gen = _FREED  # until init succeeds
         self._dtype = resolve(dtype)
         shape = self._shape = shape if shape.__class__ is tuple else _as_shape(shape)
-        site = _here(allocator._site_frames) if allocator._site_frames else 0
+        frames = allocator._site_frames
+        site = _here(frames) if frames else 0
         t = _structs.pop() if _structs else ffi.new("zm_tensor_t *")
         while True:
             gen = allocator._gen_seen
             try:
                 # cffi converts each dimension to int64 and C refuses negatives: the careful
                 # check runs only when one of them fails.
-                status = lib.zm_py_tensor_init(allocator._g, gen, t, shape, len(shape),
-                                               self._dtype.itemsize, site)
+                status = _tensor_init(allocator._g, gen, t, shape, len(shape),
+                                      self._dtype.itemsize, site)
             except (TypeError, OverflowError, AttributeError):
                 allocator._check_open("allocate a Tensor from")
                 _check_shape(shape)
@@ -158,11 +161,12 @@ class Tensor(OwnsCState):
                         f"cannot deinit {self!r}: numpy views of its data are still alive; "
                         "drop them (del the arrays) first")
                 buf._gen = _FREED
-        site = _here(allocator._site_frames) if allocator._site_frames else 0
+        frames = allocator._site_frames
+        site = _here(frames) if frames else 0
         self._gen = _FREED  # claimed before the GIL is released
         if site:
             self._sites = (self._sites[0], site)
-        status = lib.zm_py_tensor_deinit(allocator._g, gen, self._t, site)
+        status = _tensor_deinit(allocator._g, gen, self._t, site)
         if status:
             if status == _STALE:  # released by a reset in another thread
                 self._gen = gen

@@ -85,7 +85,7 @@ int zm_py_tensor_init(zm_guard_t *g, uint64_t gen, zm_tensor_t *t, const int64_t
                       size_t ndim, size_t itemsize, uint64_t site) {
     if (!zm_guard_enter_checked(g, gen, site)) return zm_last_report()->code;
     int status = zm_tensor_init(t, g->inner, shape, ndim, itemsize);
-    zm_set_thread_site(0);
+    if (site) zm_set_thread_site(0);
     zm_guard_leave(g);
     return status;
 }

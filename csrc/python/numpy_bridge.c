@@ -59,6 +59,19 @@ static void write_prefix(uintptr_t data, size_t index) {
     memset(p + sizeof words, PATTERN, PREFIX - sizeof words);
 }
 
+static const uint8_t pattern[PREFIX - 16] = {
+    [0 ... PREFIX - 17] = PATTERN,
+};
+
+/* Whether the prefix is what write_prefix left (the common case: one compare). */
+static inline bool prefix_intact(uintptr_t data, size_t index) {
+    const uint8_t *p = (const uint8_t *)data - PREFIX;
+    uint64_t words[2];
+    memcpy(words, p, sizeof words);
+    return words[0] == index && words[1] == (MAGIC ^ data) &&
+           memcmp(p + sizeof words, pattern, sizeof pattern) == 0;
+}
+
 /* Bytes of the prefix that differ from what write_prefix left; *first: the nearest to the
  * data, as a distance before it. */
 static size_t prefix_damage(uintptr_t data, size_t index, size_t *first) {
@@ -116,6 +129,7 @@ static void table_remove(zm_np_state_t *s, size_t i) {
 /* Record an overwritten prefix, once per state until the Python layer takes it. */
 static void check_prefix(zm_np_state_t *s, size_t i) {
     const zm_np_live_entry_t *e = &s->live[i];
+    if (ZM_LIKELY(prefix_intact(e->data, i))) return;
     size_t first = 0, count = prefix_damage(e->data, i, &first);
     if (!count) return;
     if (s->errors++ == 0) {
@@ -173,7 +187,7 @@ static void *np_malloc(void *ctx, size_t size) {
     size_t total;
     if (__builtin_add_overflow(size, PREFIX, &total)) return NULL;
     if (!zm_guard_enter(g)) return NULL; /* deinitialised: numpy raises MemoryError */
-    zm_set_thread_site(h->site);
+    if (h->site && g->take_error) zm_set_thread_site(h->site); /* a GPA records it */
     uint8_t *block = zm_alloc(g->inner, total, 64);
     uintptr_t data = 0;
     if (block) {
@@ -188,7 +202,7 @@ static void *np_malloc(void *ctx, size_t size) {
             data = 0;
         }
     }
-    zm_set_thread_site(0);
+    if (h->site && g->take_error) zm_set_thread_site(0);
     zm_guard_leave(g);
     return (void *)data;
 }
@@ -217,9 +231,9 @@ static void np_free(void *ctx, void *ptr, size_t size) {
     zm_spin_unlock(&s->lock);
     if (i != SIZE_MAX) {
         __atomic_sub_fetch(&g->foreign_live, 1, __ATOMIC_RELAXED);
-        zm_set_thread_site(h->site);
+        if (h->site && g->take_error) zm_set_thread_site(h->site);
         zm_free(g->inner, (uint8_t *)ptr - PREFIX, nbytes + PREFIX, 64);
-        zm_set_thread_site(0);
+        if (h->site && g->take_error) zm_set_thread_site(0);
     }
     zm_guard_leave(g);
 }
