@@ -17,10 +17,23 @@ size_t zm_page_size(void) {
     return page;
 }
 
+/* Fault [p, p + len) in now, after any madvise: MADV_POPULATE_WRITE where the kernel has
+ * it (5.14+), else one write per page (the memory is fresh: zeros stay zeros). */
+static void populate(void *p, size_t len) {
+#ifdef MADV_POPULATE_WRITE
+    if (madvise(p, len, MADV_POPULATE_WRITE) == 0) return;
+#endif
+    size_t page = zm_page_size();
+    for (size_t off = 0; off < len; off += page) ((volatile char *)p)[off] = 0;
+}
+
 /* Apply the allocator's options to freshly mapped [p, p + len). False: mlock refused, the
  * caller unmaps. */
 static bool page_prepare(const zm_page_t *pa, void *p, size_t len) {
-    if (pa->flags & ZM_PAGE_HUGE_PAGES) (void)madvise(p, len, MADV_HUGEPAGE);
+    if (pa->flags & ZM_PAGE_HUGE_PAGES) {
+        (void)madvise(p, len, MADV_HUGEPAGE);
+        if ((pa->flags & ZM_PAGE_POPULATE) && !(pa->flags & ZM_PAGE_LOCK)) populate(p, len);
+    }
     if ((pa->flags & ZM_PAGE_LOCK) && mlock(p, len) != 0) {
         zm_fail(ZM_ERR_MLOCK, len, zm_memlock_limit(), errno);
         return false;
@@ -39,7 +52,9 @@ static void *page_alloc(void *ctx, size_t len, size_t align) {
         return NULL;
     }
     int flags = MAP_PRIVATE | MAP_ANONYMOUS;
-    if (pa->flags & ZM_PAGE_POPULATE) flags |= MAP_POPULATE;
+    /* With huge pages, populating waits for the madvise (page_prepare): MAP_POPULATE would
+     * fault small pages in before the hint. */
+    if ((pa->flags & ZM_PAGE_POPULATE) && !(pa->flags & ZM_PAGE_HUGE_PAGES)) flags |= MAP_POPULATE;
     void *map = mmap(NULL, map_len, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (map == MAP_FAILED) { zm_fail(ZM_ERR_OUT_OF_MEMORY, len, 0, errno); return NULL; }
     uintptr_t start = zm_align_addr((uintptr_t)map, align > page ? align : page);

@@ -105,6 +105,20 @@ def test_huge_pages_are_backed_by_huge_pages():
         plain.free(b)
 
 
+def test_populated_huge_pages_are_huge_pages():
+    # populate=True faults the block in after the hint, so it is backed by huge pages too.
+    mode = transparent_huge_pages_mode()
+    huge = huge_page_size()
+    p = zm.PageAllocator(huge_pages=True, populate=True)
+    buf = p.alloc(max(4 << 20, 2 * huge), alignment=huge)
+    try:
+        assert zm.testing.resident_bytes(buf.address, buf.nbytes) == buf.nbytes  # populated
+        if mode in ("always", "madvise"):
+            assert anon_huge_bytes(buf.address) > 0
+    finally:
+        p.free(buf)
+
+
 def test_realloc_moves_pages_without_losing_data():
     buf = zm.page_allocator.alloc(16 << 20, alignment=PAGE)
     np.asarray(buf).view(np.uint32)[:] = np.arange(4 << 20, dtype=np.uint32)
