@@ -25,16 +25,21 @@ static int release(zm_guard_t **chain, size_t n, bool close, zm_arena_t *arena) 
                             &op_status);
 }
 
-static void test_checked_calls_and_generations(void) {
-    zm_page_t page;
+/* An arena over the page allocator, behind a guard (exclusive: an arena is not thread-safe). */
+static void guarded_arena(zm_page_t *page, zm_arena_t *arena, zm_guard_t *g) {
     zm_allocator_t pa, aa;
-    zm_page_init(&page, 0);
-    zm_page_allocator(&page, &pa);
+    zm_page_init(page, 0);
+    zm_page_allocator(page, &pa);
+    zm_arena_init(arena, pa);
+    zm_arena_allocator(arena, &aa);
+    zm_guard_init(g, aa, false);
+}
+
+static void test_checked_calls_and_generations(void) {
+    static zm_page_t page;
     zm_arena_t arena;
-    zm_arena_init(&arena, pa);
-    zm_arena_allocator(&arena, &aa);
     zm_guard_t g;
-    zm_guard_init(&g, aa, false);
+    guarded_arena(&page, &arena, &g);
 
     uintptr_t p = zm_guard_alloc(&g, 0, 100, 16, 0);
     CHECK(p != 0);
@@ -190,15 +195,10 @@ static void on_untrack(uintptr_t ptr) {
 }
 
 static void test_trace_events_leave_the_lock_first(void) {
-    zm_page_t page;
-    zm_allocator_t pa, aa;
-    zm_page_init(&page, 0);
-    zm_page_allocator(&page, &pa);
+    static zm_page_t page;
     zm_arena_t arena;
-    zm_arena_init(&arena, pa);
-    zm_arena_allocator(&arena, &aa);
     zm_guard_t g;
-    zm_guard_init(&g, aa, false);
+    guarded_arena(&page, &arena, &g);
     traced_guard = &g;
     zm_trace_hooks_t hooks = {on_track, on_untrack};
     zm_trace_set(&hooks);
