@@ -30,12 +30,17 @@
 #include <sched.h>
 #include <signal.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
 
 #define MAX_THREADS 256
-#define SPIN_ROUNDS 4000 /* ~50-100 microseconds of pause before sleeping */
+/* How long a waiter spins before it sleeps. Measured in time, not in pause instructions:
+ * a pause lasts ~10 cycles on some CPUs and ~150 on others, and a worker that falls asleep
+ * between the ~200 back-to-back jobs of a decode step costs a futex wake plus a scheduler
+ * round trip (tens of microseconds in a VM) on every job. */
+#define SPIN_NS 300000
 #define SCRATCH_ALIGN 64
 
 typedef struct {
@@ -58,6 +63,7 @@ static struct {
     pthread_t threads[MAX_THREADS];
     uint32_t start_generation[MAX_THREADS];
     scratch_t scratch[MAX_THREADS];
+    scratch_t shared; /* written by the caller before a job's tasks start, read by all */
     zm_allocator_t alloc;
     bool has_alloc;
     job_t jobs[2];       /* job g lives in jobs[g & 1] */
@@ -75,6 +81,21 @@ static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #endif
+}
+
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* Spin step `spins` of a wait that began at *since (0: not yet read): true while the wait
+ * should keep spinning. The clock is read every 64 steps. */
+static bool keep_spinning(unsigned spins, uint64_t *since) {
+    if (spins % 64) return true;
+    uint64_t t = now_ns();
+    if (!*since) *since = t;
+    return t - *since < SPIN_NS;
 }
 
 static void futex_wait(uint32_t *word, uint32_t expected) {
@@ -121,9 +142,10 @@ static void *worker_main(void *p) {
     uint32_t seen = pool.start_generation[id];
     for (;;) {
         uint32_t g;
-        int spins = 0;
+        unsigned spins = 0;
+        uint64_t since = 0;
         while ((g = __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE)) == seen) {
-            if (spins++ < SPIN_ROUNDS) {
+            if (keep_spinning(spins++, &since)) {
                 cpu_relax();
                 continue;
             }
@@ -151,10 +173,11 @@ static uint32_t publish(void) {
 /* Wait until every task of the job is finished: only workers that claimed a task are
  * waited for, never one that has not woken up yet (the caller ran what it left). */
 static void wait_done(size_t n_tasks) {
-    int spins = 0;
+    unsigned spins = 0;
+    uint64_t since = 0;
     uint32_t done;
     while ((done = __atomic_load_n(&pool.done, __ATOMIC_ACQUIRE)) != n_tasks) {
-        if (spins++ < SPIN_ROUNDS) {
+        if (keep_spinning(spins++, &since)) {
             cpu_relax();
             continue;
         }
@@ -248,29 +271,38 @@ void zm_pool_set_allocator(const zm_allocator_t *a) {
 
 void *zm_pool_scratch(unsigned worker) { return pool.scratch[worker].ptr; }
 
-static int reserve_scratch(unsigned workers, size_t bytes) {
-    if (!bytes) return ZM_OK;
+/* Grow one scratch block to at least `bytes`, from the pool's allocator. */
+static int grow(scratch_t *s, size_t bytes) {
+    if (s->len >= bytes) return ZM_OK;
     if (!pool.has_alloc) {
         zm_fail(ZM_ERR_INVALID_ARG, bytes, 0, 0);
         return ZM_ERR_INVALID_ARG;
     }
-    for (unsigned i = 0; i < workers; i++) {
-        scratch_t *s = &pool.scratch[i];
-        if (s->len >= bytes) continue;
-        zm_fail(ZM_OK, 0, 0, 0); /* allocators that fail without a report still get one */
-        void *p = zm_alloc(pool.alloc, bytes, SCRATCH_ALIGN);
-        if (!p) {
-            if (!zm_last_report()->code) zm_fail(ZM_ERR_OUT_OF_MEMORY, bytes, 0, 0);
-            return ZM_ERR_OUT_OF_MEMORY;
-        }
-        zm_free(pool.alloc, s->ptr, s->len, SCRATCH_ALIGN);
-        s->ptr = p;
-        s->len = bytes;
+    zm_fail(ZM_OK, 0, 0, 0); /* allocators that fail without a report still get one */
+    void *p = zm_alloc(pool.alloc, bytes, SCRATCH_ALIGN);
+    if (!p) {
+        if (!zm_last_report()->code) zm_fail(ZM_ERR_OUT_OF_MEMORY, bytes, 0, 0);
+        return ZM_ERR_OUT_OF_MEMORY;
     }
+    zm_free(pool.alloc, s->ptr, s->len, SCRATCH_ALIGN);
+    s->ptr = p;
+    s->len = bytes;
     return ZM_OK;
 }
 
+static int reserve_scratch(unsigned workers, size_t bytes, size_t shared_bytes) {
+    int status = ZM_OK;
+    for (unsigned i = 0; i < workers && bytes && status == ZM_OK; i++) status = grow(&pool.scratch[i], bytes);
+    if (status == ZM_OK && shared_bytes) status = grow(&pool.shared, shared_bytes);
+    return status;
+}
+
 int zm_pool_run(zm_task_fn fn, void *arg, size_t n_tasks, size_t scratch_bytes) {
+    return zm_pool_run_shared(fn, arg, n_tasks, scratch_bytes, NULL, 0);
+}
+
+int zm_pool_run_shared(zm_task_fn fn, void *arg, size_t n_tasks, size_t scratch_bytes,
+                       void (*prepare)(void *arg, void *shared), size_t shared_bytes) {
     if (!n_tasks) return ZM_OK;
     if (n_tasks > UINT32_MAX) {
         zm_fail(ZM_ERR_TOO_LARGE, n_tasks, UINT32_MAX, 0);
@@ -280,7 +312,8 @@ int zm_pool_run(zm_task_fn fn, void *arg, size_t n_tasks, size_t scratch_bytes) 
     bool parallel = pool.want > 1 && n_tasks > 1;
     if (parallel && pool.running + 1 != pool.want) start_workers();
     parallel = parallel && pool.running > 0;
-    int status = reserve_scratch(parallel ? pool.running + 1 : 1, scratch_bytes);
+    int status = reserve_scratch(parallel ? pool.running + 1 : 1, scratch_bytes, shared_bytes);
+    if (status == ZM_OK && prepare) prepare(arg, pool.shared.ptr);
     if (status == ZM_OK && !parallel) {
         for (size_t t = 0; t < n_tasks; t++) fn(arg, t, 0);
     } else if (status == ZM_OK) {

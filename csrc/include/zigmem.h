@@ -607,7 +607,11 @@ int zm_paged_attention_use_isa(const char *name);
  * not a multiple of its block, or out overlapping x or W (report.limit = 1);
  * ZM_ERR_OUT_OF_MEMORY: scratch refused. On any error out is untouched. */
 int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, const float *x,
-                    size_t n, float *out);
+                    size_t n, float *out, unsigned flags);
+/* flags: ZM_MATMUL_INT16 quantizes each row of x to int16 per 32 columns and multiplies
+ * with integer dots (int16_matmul.c: faster for few rows; ~2^-16 relative error per block
+ * of x; batch invariant too). Types without 32-element blocks (F32, F16, BF16) ignore it. */
+enum { ZM_MATMUL_INT16 = 1 };
 /* out[i][cols] = row ids[i] of W, dequantized. Every id is checked before anything is
  * written: one out of [0, rows) is ZM_ERR_INVALID_ARG, with report.size = its index. */
 int zm_quant_rows(uint32_t type, const void *w, size_t rows, size_t cols, const int64_t *ids,
@@ -635,6 +639,10 @@ void zm_pool_set_allocator(const zm_allocator_t *a);
 /* Run a job. Before it starts, every worker gets scratch_bytes of 64-byte-aligned scratch
  * (zm_pool_scratch); ZM_ERR_OUT_OF_MEMORY if that is refused (nothing ran). */
 int zm_pool_run(zm_task_fn fn, void *arg, size_t n_tasks, size_t scratch_bytes);
+/* The same, and before the tasks start the caller runs prepare(arg, shared) with
+ * shared_bytes of 64-byte-aligned scratch that every task may then read. */
+int zm_pool_run_shared(zm_task_fn fn, void *arg, size_t n_tasks, size_t scratch_bytes,
+                       void (*prepare)(void *arg, void *shared), size_t shared_bytes);
 /* The scratch of `worker` during a job. */
 void *zm_pool_scratch(unsigned worker);
 
