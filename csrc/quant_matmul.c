@@ -340,7 +340,7 @@ static bool overlaps(const void *a, size_t a_len, const void *b, size_t b_len) {
 }
 
 int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, const float *x,
-                    size_t n, float *out) {
+                    size_t n, float *out, unsigned flags) {
     uint32_t block, bytes;
     if (!zm_dequant_kernel(type) || !zm_ggml_type_size(type, &block, &bytes) || cols % block) {
         zm_fail(ZM_ERR_INVALID_ARG, type, 0, 0);
@@ -358,6 +358,9 @@ int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, cons
         zm_fail(ZM_ERR_INVALID_ARG, out_bytes, 1, 0);
         return ZM_ERR_INVALID_ARG;
     }
+    if ((flags & ZM_MATMUL_INT16) && zm_int16_supported(type))
+        return zm_int16_matmul(type, w, rows, cols, row_bytes, x, n, out,
+                               zm_kernels_get() == ZM_KERNELS_AVX512);
     size_t scratch_row;
     if (__builtin_mul_overflow(cols, sizeof(float), &scratch_row)) {
         zm_fail(ZM_ERR_TOO_LARGE, cols, 0, 0);

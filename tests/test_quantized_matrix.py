@@ -209,6 +209,90 @@ def test_unknown_kernel_path_is_refused():
         qm.use_kernels("neon")
 
 
+# ------------------------------------------------------------------ int16 activations
+
+
+def assert_within_int16_quantization(ours, x, dense):
+    """x @ dense.T, where each element of x may move by half a step of its 32-column block
+    (the block's largest magnitude / 65534), plus float32 rounding."""
+    blocks = np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2)
+    step = np.repeat(blocks / 65534 * 1.001, 32, axis=1)
+    exact = x.astype(np.float64) @ dense.astype(np.float64).T
+    bound = (step + 1e-5 * np.abs(x)).astype(np.float64) @ np.abs(dense).astype(np.float64).T
+    assert np.all(np.abs(ours - exact) <= bound + 1e-30), np.max(np.abs(ours - exact) / bound)
+
+
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("name", [t.name for t in QUANTIZED] + ["Q4_K_small"])
+def test_int16_activations_are_close_batch_invariant_and_equal_on_every_path(model, name, path, kernels):
+    if path not in qm.supported_kernel_paths():
+        pytest.skip(f"this CPU has no {path}")
+    q = model.matrix(name)
+    x = RNG.standard_normal((9, q.shape[1])).astype(np.float32)
+    x[2] *= 1000  # a row's scale is its own
+    x[4] = 0
+    qm.use_kernels("portable")
+    expected = q.matmul(x, quantize_activations=True)
+    qm.use_kernels(path)
+    y = q.matmul(x, quantize_activations=True)
+    assert y.tobytes() == expected.tobytes()  # one definition, every path
+    assert_within_int16_quantization(y, x, reference(model, name))
+    assert not np.any(y[4])
+    for i in range(9):
+        assert q.matmul(x[i], quantize_activations=True).tobytes() == y[i].tobytes()
+    assert q.matmul(x[3:7], quantize_activations=True).tobytes() == y[3:7].tobytes()
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q6_K", "Q4_K_small"])
+def test_int16_activations_give_the_same_bits_for_every_thread_count(model, name, threads):
+    q = model.matrix(name)
+    x = RNG.standard_normal((64, q.shape[1])).astype(np.float32)
+    results = set()
+    for t in (1, 2, 3, 4):
+        zm.set_num_threads(t)
+        results.add((q.matmul(x, quantize_activations=True).tobytes(),
+                     q.matmul(x[5], quantize_activations=True).tobytes()))
+    assert len(results) == 1
+
+
+def test_int16_activations_a_row_with_nan_or_inf_is_nan_the_others_unchanged(model):
+    q = model.matrix("Q4_1")
+    x = RNG.standard_normal((4, q.shape[1])).astype(np.float32)
+    clean = q.matmul(x, quantize_activations=True)
+    x[1, 7], x[2, 300] = np.nan, np.inf
+    y = q.matmul(x, quantize_activations=True)
+    assert np.isnan(y[1:3]).all()
+    assert y[[0, 3]].tobytes() == clean[[0, 3]].tobytes()
+
+
+@pytest.mark.parametrize("name", ["F32", "F16", "BF16"])
+def test_float_weights_ignore_quantize_activations(model, name):
+    q = model.matrix(name)
+    x = RNG.standard_normal((3, q.shape[1])).astype(np.float32)
+    assert q.matmul(x, quantize_activations=True).tobytes() == q.matmul(x).tobytes()
+
+
+@pytest.mark.parametrize("flag", [1, 0, None, "yes", np.True_])
+def test_quantize_activations_must_be_a_bool(model, flag):
+    q = model.matrix("Q4_0")
+    x = RNG.standard_normal(q.shape[1]).astype(np.float32)
+    out = np.zeros(q.shape[0], np.float32)
+    with pytest.raises(zm.InvalidArgumentError, match="quantize_activations must be True or False"):
+        q.matmul(x, out=out, quantize_activations=flag)
+    assert not out.any()
+
+
+def test_int16_activations_refuse_bad_out_and_aliasing_like_float(model):
+    q = model.matrix("Q8_0")
+    x = RNG.standard_normal((2, q.shape[1])).astype(np.float32)
+    with pytest.raises(zm.InvalidArgumentError, match="out must have shape"):
+        q.matmul(x, out=np.empty((2, 3), np.float32), quantize_activations=True)
+    big = np.zeros(q.shape[1] * 4, np.float32)
+    with pytest.raises(zm.InvalidArgumentError, match="overlap"):
+        q.matmul(big[:q.shape[1]], out=big[:q.shape[0]], quantize_activations=True)
+    assert not big.any()
+
+
 # ------------------------------------------------------------------ outputs
 
 

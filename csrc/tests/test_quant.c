@@ -70,7 +70,7 @@ static void check_type(uint32_t type, size_t rows, size_t cols, size_t n) {
         if (!zm_kernels_supported(path)) continue;
         CHECK(zm_kernels_set(path) == ZM_OK && zm_kernels_get() == path);
         zm_set_num_threads(2);
-        CHECK(zm_quant_matmul(type, w, rows, cols, x, n, out) == ZM_OK);
+        CHECK(zm_quant_matmul(type, w, rows, cols, x, n, out, 0) == ZM_OK);
         int close = 1, same = 1;
         for (size_t i = 0; i < n; i++)
             for (size_t r = 0; r < rows; r++) {
@@ -82,12 +82,12 @@ static void check_type(uint32_t type, size_t rows, size_t cols, size_t n) {
                 close &= fabs(out[i * rows + r] - exact) <= 1e-5 * bound + 1e-30;
             }
         for (size_t i = 0; i < n; i++) {
-            CHECK(zm_quant_matmul(type, w, rows, cols, x + i * cols, 1, one) == ZM_OK);
+            CHECK(zm_quant_matmul(type, w, rows, cols, x + i * cols, 1, one, 0) == ZM_OK);
             same &= memcmp(one, out + i * rows, rows * 4) == 0;
         }
         for (unsigned t = 1; t <= 3; t++) {
             zm_set_num_threads(t);
-            CHECK(zm_quant_matmul(type, w, rows, cols, x, n, again) == ZM_OK);
+            CHECK(zm_quant_matmul(type, w, rows, cols, x, n, again, 0) == ZM_OK);
             same &= memcmp(again, out, n * rows * 4) == 0;
         }
         CHECK(close);
@@ -106,6 +106,68 @@ static void check_type(uint32_t type, size_t rows, size_t cols, size_t n) {
     free(w), free(dense), free(x), free(out), free(one), free(again);
 }
 
+/* ZM_MATMUL_INT16: within the bound x's quantization allows (half a step, amax / 65534,
+ * per element), batch invariant, the same for every thread count and bit for bit on every
+ * path; a row with a NaN gives NaN and leaves the other rows alone. Types without
+ * 32-element blocks ignore the flag. */
+static void check_int16(uint32_t type, size_t rows, size_t cols, size_t n) {
+    uint32_t block, bb;
+    CHECK(zm_ggml_type_size(type, &block, &bb));
+    size_t bytes = rows * (cols / block * bb);
+    uint8_t *w = malloc(bytes);
+    float *dense = malloc(rows * cols * 4), *x = malloc(n * cols * 4), *first = malloc(n * rows * 4);
+    float *out = malloc(n * rows * 4), *one = malloc(rows * 4), *again = malloc(n * rows * 4);
+    fill(type, w, bytes, bb);
+    for (size_t i = 0; i < n * cols; i++) x[i] = (float)((int)(next() % 2001) - 1000) / 997.0f;
+    for (size_t k = 0; k < cols; k++) x[k] = 0; /* an all-zero row */
+    CHECK(zm_dequantize(type, w, rows * cols, dense) == ZM_OK);
+    int have_first = 0;
+    for (int path = ZM_KERNELS_PORTABLE; path <= ZM_KERNELS_AVX512; path++) {
+        if (!zm_kernels_supported(path)) continue;
+        CHECK(zm_kernels_set(path) == ZM_OK);
+        zm_set_num_threads(2);
+        CHECK(zm_quant_matmul(type, w, rows, cols, x, n, out, ZM_MATMUL_INT16) == ZM_OK);
+        int close = 1, same = 1;
+        for (size_t i = 0; i < n; i++)
+            for (size_t r = 0; r < rows; r++) {
+                double exact = 0, bound = 0;
+                for (size_t k = 0; k < cols; k++) {
+                    double amax = 0;
+                    for (size_t j = k / 32 * 32; j < k / 32 * 32 + 32; j++) amax = fmax(amax, fabs(x[i * cols + j]));
+                    exact += (double)dense[r * cols + k] * x[i * cols + k];
+                    bound += fabs(dense[r * cols + k]) * (amax / 65534 * 1.001 + 1e-5 * fabs(x[i * cols + k]));
+                }
+                close &= fabs(out[i * rows + r] - exact) <= bound + 1e-30;
+            }
+        for (size_t i = 0; i < n; i++) {
+            CHECK(zm_quant_matmul(type, w, rows, cols, x + i * cols, 1, one, ZM_MATMUL_INT16) == ZM_OK);
+            same &= memcmp(one, out + i * rows, rows * 4) == 0;
+        }
+        for (unsigned t = 1; t <= 3; t++) {
+            zm_set_num_threads(t);
+            CHECK(zm_quant_matmul(type, w, rows, cols, x, n, again, ZM_MATMUL_INT16) == ZM_OK);
+            same &= memcmp(again, out, n * rows * 4) == 0;
+        }
+        if (!have_first) memcpy(first, out, n * rows * 4), have_first = 1;
+        if (block >= 32) same &= memcmp(first, out, n * rows * 4) == 0; /* the portable bits */
+        CHECK(close);
+        CHECK(same);
+        if (!close || !same) fprintf(stderr, "  int16: type %u path %d\n", type, path);
+        if (block >= 32 && n > 1) { /* a NaN in row 1: that row is NaN, the others unchanged */
+            float kept = x[cols + 3];
+            x[cols + 3] = NAN;
+            CHECK(zm_quant_matmul(type, w, rows, cols, x, n, out, ZM_MATMUL_INT16) == ZM_OK);
+            int nan_row = 1, others = 1;
+            for (size_t r = 0; r < rows; r++) nan_row &= isnan(out[rows + r]);
+            for (size_t i = 0; i < n; i++)
+                if (i != 1) others &= memcmp(out + i * rows, first + i * rows, rows * 4) == 0;
+            CHECK(nan_row && others);
+            x[cols + 3] = kept;
+        }
+    }
+    free(w), free(dense), free(x), free(first), free(out), free(one), free(again);
+}
+
 int main(void) {
     zm_page_t page;
     zm_allocator_t a;
@@ -118,11 +180,13 @@ int main(void) {
         check_type(types[t], 13, 512, 6);
         check_type(types[t], 70, 256, 1);
         if (block == 1) check_type(types[t], 5, 37, 5); /* tails: no vector width divides 37 */
+        check_int16(types[t], 13, 512, 6);
+        check_int16(types[t], 70, 256, 1);
     }
     float out[4];
     uint8_t w[34] = {0};
-    CHECK(zm_quant_matmul(ZM_GGML_Q8_0, w, 1, 31, out, 1, out) == ZM_ERR_INVALID_ARG);
-    CHECK(zm_quant_matmul(9 /* Q8_1: no kernel */, w, 1, 32, out, 1, out) == ZM_ERR_INVALID_ARG);
+    CHECK(zm_quant_matmul(ZM_GGML_Q8_0, w, 1, 31, out, 1, out, 0) == ZM_ERR_INVALID_ARG);
+    CHECK(zm_quant_matmul(9 /* Q8_1: no kernel */, w, 1, 32, out, 1, out, 0) == ZM_ERR_INVALID_ARG);
     CHECK(zm_set_num_threads(0) == ZM_ERR_INVALID_ARG && zm_set_num_threads(100000) == ZM_ERR_INVALID_ARG);
     CHECK(zm_kernels_set(7) == ZM_ERR_INVALID_ARG);
     return check_summary();
