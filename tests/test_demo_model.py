@@ -166,7 +166,8 @@ def test_forward_matches_the_reference_prompt_then_decode(tmp_path, tied, arena)
     assert got.shape == (6, VOCAB) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected[:6], rtol=2e-3, atol=2e-3)
     for step, token in enumerate([12, 4]):  # then one token at a time, from the KV cache
-        np.testing.assert_allclose(model.forward([token])[0], expected[6 + step], rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(model.forward([token], decode=step == 1)[0], expected[6 + step],
+                                   rtol=2e-3, atol=2e-3)  # the last as a decode step (int16)
     assert model.cache.seq_len == 8
     model.reset()
     np.testing.assert_allclose(model.forward(ids[:2]), expected[:2], rtol=2e-3, atol=2e-3)
@@ -183,7 +184,39 @@ def test_k_quant_models_match_the_reference(tmp_path, qtype):
     ids = [5, 9, 3, 17, 30, 8]
     expected = reference_logits(weights, ids + [12], tied=qtype != Q.Q6_K)
     np.testing.assert_allclose(model.forward(ids), expected[:6], rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(model.forward([12], logits="last")[0], expected[6], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(model.forward([12], logits="last", decode=True)[0], expected[6],
+                               rtol=2e-3, atol=2e-3)
+    assert model.close() == "ok"
+
+
+def test_decode_steps_quantize_activations_unless_asked_not_to(tmp_path):
+    """A decode step's products use int16 activations (close to, not equal to, float32);
+    quantize_decode=False keeps float32, which equals the prompt path bit for bit."""
+    write_tiny_llama(tmp_path / "tiny.gguf")
+    ids = [5, 9, 3, 17, 30, 8]
+    results = {}
+    for quantize in (True, False):
+        model = load_model(tmp_path / "tiny.gguf", context=32, quantize_decode=quantize)
+        model.forward(ids)
+        results[quantize] = model.forward([12], decode=True).copy()
+        model.reset()
+        model.forward(ids)
+        results["float", quantize] = model.forward([12]).copy()
+        assert model.close() == "ok"
+    assert results[False].tobytes() == results["float", True].tobytes() == results["float", False].tobytes()
+    assert results[True].tobytes() != results[False].tobytes()
+    np.testing.assert_allclose(results[True], results[False], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [dict(decode=1), dict(decode="yes")])
+def test_decode_must_be_a_bool(tmp_path, bad):
+    write_tiny_llama(tmp_path / "tiny.gguf")
+    model = load_model(tmp_path / "tiny.gguf", context=32)
+    with pytest.raises(zm.InvalidArgumentError, match="decode must be True or False"):
+        model.forward([1], **bad)
+    assert model.cache.seq_len == 0
+    with pytest.raises(zm.InvalidArgumentError, match="quantize_decode must be True or False"):
+        load_model(tmp_path / "tiny.gguf", context=32, quantize_decode=1)
     assert model.close() == "ok"
 
 
@@ -324,5 +357,10 @@ def test_smollm2_logits_match_the_float32_gguf_reference():
     got = model.forward(ids)
     assert min_cosine(got, expected) > 0.9999
     assert np.array_equal(got.argmax(-1), expected.argmax(-1))
-    del got
+    # the same positions as decode steps (int16 activations), as generate runs them
+    model.reset()
+    steps = np.concatenate([model.forward([t], decode=True) for t in ids])
+    assert min_cosine(steps, expected) > 0.9999
+    assert np.array_equal(steps.argmax(-1), expected.argmax(-1))
+    del got, steps
     assert model.close() == "ok"

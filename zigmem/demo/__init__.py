@@ -30,6 +30,9 @@ def default_model_path() -> Path:
     return path
 
 
-def load_model(path=None, context: int = 2048, arena: bool = True, progress=None) -> Llama:
-    """A llama GGUF model ready for ``forward`` / ``generate`` (default: SmolLM2-135M)."""
-    return Llama(path or default_model_path(), context=context, arena=arena, progress=progress)
+def load_model(path=None, context: int = 2048, arena: bool = True, progress=None,
+               quantize_decode: bool = True) -> Llama:
+    """A llama GGUF model ready for ``forward`` / ``generate`` (default: SmolLM2-135M); the
+    arguments are ``Llama``'s."""
+    return Llama(path or default_model_path(), context=context, arena=arena, progress=progress,
+                 quantize_decode=quantize_decode)

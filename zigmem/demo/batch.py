@@ -258,7 +258,8 @@ class Batcher:
                     for (r, n), end in zip(feed, ends)]
         with model.arena.numpy() if model.use_arena else contextlib.nullcontext():
             a = Activations(ids.size, model.dim, model.n_kv_heads * model.head_dim,
-                             model.layers[0]["ffn_gate"].shape[0] if model.layers else 0)
+                             model.layers[0]["ffn_gate"].shape[0] if model.layers else 0,
+                             decode_rows=sum(1 for r, _ in feed if r.answer) if model.quantize_decode else 0)
             model.embedding.rows(ids, out=a.x)
             for index, layer in enumerate(model.layers):
                 self._block(index, layer, a, segments)
@@ -266,7 +267,7 @@ class Batcher:
             ops.rms_norm(h, model.output_norm, model.eps, out=a.h[:h.shape[0]])
         with model.session.numpy():
             result = np.empty((h.shape[0], model.output.shape[0]), np.float32)
-        model.output.matmul(a.h[:h.shape[0]], out=result)
+        a.product(model.output, a.h[:h.shape[0]], result)
         del a, h
         if model.use_arena:
             model.arena.reset("retain_capacity")
@@ -277,9 +278,9 @@ class Batcher:
         K/V and attention."""
         model, cache = self.model, self.cache
         ops.rms_norm(a.x, layer["attn_norm"], model.eps, out=a.h)
-        layer["attn_q"].matmul(a.h, out=a.q)
-        layer["attn_k"].matmul(a.h, out=a.k)
-        layer["attn_v"].matmul(a.h, out=a.v)
+        a.product(layer["attn_q"], a.h, a.q)
+        a.product(layer["attn_k"], a.h, a.k)
+        a.product(layer["attn_v"], a.h, a.v)
         n = a.x.shape[0]
         q = a.q.reshape(n, model.n_heads, model.head_dim)
         k = a.k.reshape(n, model.n_kv_heads, model.head_dim)
@@ -291,13 +292,13 @@ class Batcher:
             cache.append(seq, index, k[r0:r1], v[r0:r1])
             ops.attention(q[r0:r1], cache.keys(seq, index), cache.values(seq, index), start,
                           out=attended[r0:r1])
-        layer["attn_output"].matmul(a.attended, out=a.o)
+        a.product(layer["attn_output"], a.attended, a.o)
         a.x += a.o
         ops.rms_norm(a.x, layer["ffn_norm"], model.eps, out=a.h)
-        layer["ffn_gate"].matmul(a.h, out=a.gate)
-        layer["ffn_up"].matmul(a.h, out=a.up)
+        a.product(layer["ffn_gate"], a.h, a.gate)
+        a.product(layer["ffn_up"], a.h, a.up)
         ops.silu_mul(a.gate, a.up, out=a.gate)
-        layer["ffn_down"].matmul(a.gate, out=a.o)
+        a.product(layer["ffn_down"], a.gate, a.o)
         a.x += a.o
 
 
