@@ -441,6 +441,7 @@ static ALWAYS_INLINE TARGET void rows_avx512_block(const int16_job_t *job, uint3
         for (unsigned r = 0; r < NW; r++) acc[r][i] = _mm512_setzero_ps(), off[r][i] = 0;
     }
     for (size_t c0 = 0, b = 0; c0 < chunks; c0 += CPB, b += job->block_bytes)
+        #pragma GCC unroll 8 /* the K-quants' sub-block indexes become constants */
         for (unsigned part = 0; part < CPB; part++) {
             size_t c = c0 + part;
             vchunk_t w[BLOCK_W];
