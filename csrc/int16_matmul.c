@@ -40,6 +40,14 @@
 /* Software prefetch runs this many 4-row groups ahead: file pages are 4 KiB, where the
  * hardware prefetchers stop, and a decode step reads each weight once, cold. */
 #define PREFETCH_GROUPS 2
+/* The K-quants' 8 sub-blocks unrolled: their scale indexes become constants (Q4_K streams
+ * ~1.4x faster). Sanitizer builds keep the loop rolled: the same results, and minutes less
+ * of compiling. */
+#ifdef __SANITIZE_ADDRESS__
+#define UNROLL_PARTS _Pragma("GCC unroll 1")
+#else
+#define UNROLL_PARTS _Pragma("GCC unroll 8")
+#endif
 
 static inline uint32_t load32(const uint8_t *p) {
     uint32_t v;
@@ -404,17 +412,16 @@ static ALWAYS_INLINE TARGET void vpart(uint32_t type, part_fn part, const uint8_
     }
 }
 
-/* Type 0 stands for the types decoded by their portable part: minimums possible. */
 static ALWAYS_INLINE bool has_min(uint32_t type) {
     return type == ZM_GGML_Q4_1 || type == ZM_GGML_Q5_1 || type == ZM_GGML_Q4_K ||
-           type == ZM_GGML_Q5_K || type == ZM_GGML_Q2_K || type == 0;
+           type == ZM_GGML_Q5_K || type == ZM_GGML_Q2_K;
 }
 
-/* Chunks per block: 8 for the K-quants, 1 for the 32-element formats; 0: ask the job. */
+/* Chunks per block: 8 for the K-quants, 1 for the 32-element formats. */
 static ALWAYS_INLINE unsigned chunks_per_block(uint32_t type) {
     switch (type) {
-    case ZM_GGML_Q4_K: case ZM_GGML_Q5_K: case ZM_GGML_Q6_K: return 8;
-    case 0: return 0;
+    case ZM_GGML_Q2_K: case ZM_GGML_Q3_K: case ZM_GGML_Q4_K: case ZM_GGML_Q5_K:
+    case ZM_GGML_Q6_K: return 8;
     default: return 1;
     }
 }
@@ -423,7 +430,7 @@ static ALWAYS_INLINE TARGET void rows_avx512_block(const int16_job_t *job, uint3
                                                    size_t r0, size_t i0, const unsigned NW,
                                                    const unsigned NX) {
     size_t chunks = job->cols / 32;
-    const unsigned CPB = chunks_per_block(type) ? chunks_per_block(type) : (unsigned)job->chunks_per_block;
+    const unsigned CPB = chunks_per_block(type);
     __m512 acc[BLOCK_W][BLOCK_X];
     float off[BLOCK_W][BLOCK_X];
     const int16_t *X[BLOCK_X];
@@ -441,7 +448,7 @@ static ALWAYS_INLINE TARGET void rows_avx512_block(const int16_job_t *job, uint3
         for (unsigned r = 0; r < NW; r++) acc[r][i] = _mm512_setzero_ps(), off[r][i] = 0;
     }
     for (size_t c0 = 0, b = 0; c0 < chunks; c0 += CPB, b += job->block_bytes)
-        #pragma GCC unroll 8 /* the K-quants' sub-block indexes become constants */
+        UNROLL_PARTS
         for (unsigned part = 0; part < CPB; part++) {
             size_t c = c0 + part;
             vchunk_t w[BLOCK_W];
@@ -485,7 +492,7 @@ static ALWAYS_INLINE TARGET void rows_avx512_block(const int16_job_t *job, uint3
 #define DEFINE_ROWS(name, type)                                                               \
     static TARGET void rows_avx512_##name(const int16_job_t *job, size_t r0, unsigned nw,    \
                                           size_t i0, unsigned nx) {                          \
-        switch (nw * 8 + nx) { CASES(type, 1) CASES(type, 2) CASES(type, 3) CASES(type, 4) } \
+        switch (nw * 8 + nx) { CASES(type, 1) CASES(type, 4) } \
     }
 
 DEFINE_ROWS(q4_0, ZM_GGML_Q4_0)
@@ -496,7 +503,9 @@ DEFINE_ROWS(q8_0, ZM_GGML_Q8_0)
 DEFINE_ROWS(q4_k, ZM_GGML_Q4_K)
 DEFINE_ROWS(q5_k, ZM_GGML_Q5_K)
 DEFINE_ROWS(q6_k, ZM_GGML_Q6_K)
-DEFINE_ROWS(other, 0) /* the portable parts, loaded */
+DEFINE_ROWS(iq4_nl, ZM_GGML_IQ4_NL) /* these three: the portable parts, loaded */
+DEFINE_ROWS(q2_k, ZM_GGML_Q2_K)
+DEFINE_ROWS(q3_k, ZM_GGML_Q3_K)
 
 static rows_fn rows_avx512(uint32_t type) {
     switch (type) {
@@ -508,7 +517,9 @@ static rows_fn rows_avx512(uint32_t type) {
     case ZM_GGML_Q4_K: return rows_avx512_q4_k;
     case ZM_GGML_Q5_K: return rows_avx512_q5_k;
     case ZM_GGML_Q6_K: return rows_avx512_q6_k;
-    default: return rows_avx512_other;
+    case ZM_GGML_IQ4_NL: return rows_avx512_iq4_nl;
+    case ZM_GGML_Q2_K: return rows_avx512_q2_k;
+    default: return rows_avx512_q3_k;
     }
 }
 
@@ -531,8 +542,9 @@ static void task(void *arg, size_t t, unsigned worker) {
         _mm_prefetch((const char *)job->w + p, _MM_HINT_T0);
     for (size_t i = 0; i < job->n; i += BLOCK_X) {
         unsigned nx = job->n - i < BLOCK_X ? (unsigned)(job->n - i) : BLOCK_X;
-        for (size_t r = r0; r < end; r += BLOCK_W)
-            job->rows_kernel(job, r, end - r < BLOCK_W ? (unsigned)(end - r) : BLOCK_W, i, nx);
+        size_t r = r0;
+        for (; r + BLOCK_W <= end; r += BLOCK_W) job->rows_kernel(job, r, BLOCK_W, i, nx);
+        for (; r < end; r++) job->rows_kernel(job, r, 1, i, nx); /* the last rows, one by one */
     }
 }
 
