@@ -215,7 +215,7 @@ def test_decode_must_be_a_bool(tmp_path, bad):
     with pytest.raises(zm.InvalidArgumentError, match="decode must be True or False"):
         model.forward([1], **bad)
     assert model.cache.seq_len == 0
-    with pytest.raises(zm.InvalidArgumentError, match="quantize_decode must be True or False"):
+    with pytest.raises(zm.InvalidArgumentError, match="quantize_decode must be True, False or None"):
         load_model(tmp_path / "tiny.gguf", context=32, quantize_decode=1)
     assert model.close() == "ok"
 

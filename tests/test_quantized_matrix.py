@@ -500,6 +500,28 @@ def test_two_python_threads_at_once_get_their_own_results(model, threads):
     assert not failures
 
 
+def test_two_threads_with_int16_activations_each_get_their_own_quantized_x(model, threads):
+    """The quantized rows of x live in the pool's one shared scratch: a second caller must
+    wait its turn, never overwrite the first's x (different row counts grow it meanwhile)."""
+    zm.set_num_threads(2)
+    q = model.matrix("Q4_K")
+    xs = [RNG.standard_normal((n, COLS)).astype(np.float32) for n in (1, 40, 3)]
+    expected = [q.matmul(x, quantize_activations=True).tobytes() for x in xs]
+    failures = []
+
+    def work(k):
+        for _ in range(150):
+            if q.matmul(xs[k], quantize_activations=True).tobytes() != expected[k]:
+                failures.append(k)
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not failures
+
+
 def test_a_forked_child_computes_with_fresh_workers(model, threads):
     zm.set_num_threads(2)
     q = model.matrix("Q4_1")

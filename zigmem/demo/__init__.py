@@ -31,7 +31,7 @@ def default_model_path() -> Path:
 
 
 def load_model(path=None, context: int = 2048, arena: bool = True, progress=None,
-               quantize_decode: bool = True) -> Llama:
+               quantize_decode: bool | None = None) -> Llama:
     """A llama GGUF model ready for ``forward`` / ``generate`` (default: SmolLM2-135M); the
     arguments are ``Llama``'s."""
     return Llama(path or default_model_path(), context=context, arena=arena, progress=progress,

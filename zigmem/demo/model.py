@@ -38,6 +38,7 @@ import numpy as np
 import zigmem as zm
 from zigmem import ops
 
+from ..weights.quantized_matrix import kernel_path
 from .activations import Activations
 from .tokenizer import GGUFTokenizer
 
@@ -55,7 +56,9 @@ class Llama:
         quantize_decode: decode steps (``forward(..., decode=True)``, as ``generate`` makes
             them) multiply with int16 activations: integer dots, ~1.5x faster matrix
             products, logits within ~1e-5 of float32 (see ``Activations``). False: float32
-            everywhere. Prompts are always float32.
+            everywhere. None (default): True where the kernels run AVX-512 (the integer
+            dots' vector path; elsewhere they run portable C, slower than float32).
+            Prompts are always float32.
 
     Raises:
         WeightFormatError: not a llama file, or a tensor is missing or malformed.
@@ -67,11 +70,14 @@ class Llama:
     """
 
     def __init__(self, path, context: int = 2048, arena: bool = True, progress=None,
-                 quantize_decode: bool = True) -> None:
+                 quantize_decode: bool | None = None) -> None:
         t0 = time.perf_counter()
         self.path, self.use_arena = str(path), arena
+        if quantize_decode is None:
+            quantize_decode = kernel_path() == "avx512"
         if type(quantize_decode) is not bool:
-            raise zm.InvalidArgumentError(f"quantize_decode must be True or False, not {quantize_decode!r}")
+            raise zm.InvalidArgumentError(
+                f"quantize_decode must be True, False or None, not {quantize_decode!r}")
         self.quantize_decode = quantize_decode
         self.weights = zm.load_weights(path)
         md = self.weights.metadata
