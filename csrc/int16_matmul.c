@@ -8,7 +8,9 @@
  * against float32 logits); 16 bits keep x within 2^-16 of each block's largest value.
  *
  * The arithmetic, one definition for every kernel path (so paths agree bit for bit):
- *   x, per row, per chunk c of 32 columns: amax = max |x|, s[c] = amax / 32767,
+ *   x, per row: first multiplied by the power of two p that brings the row's largest
+ *     magnitude into [0.5, 1) (row_power: exact, and tiny or huge rows stay in range); then
+ *     per chunk c of 32 columns: amax = max |x|, s[c] = amax / 32767,
  *     X = round-to-nearest-even(x * (32767 / amax)) as int16 (0 when amax is 0), and
  *     xs[2c + h] = s[c] * (sum of the 16 X of half h). A row with a NaN or infinity gets
  *     s = NaN: its outputs are NaN.
@@ -18,10 +20,13 @@
  *   Each output element keeps 16 float lanes and a float offset:
  *     D[l] = w[2l] X[2l] + w[2l+1] X[2l+1] (exact, int32),
  *     lane[l] = fma((float)D[l], dw * s[c], lane[l]), off = fma(mw[h], xs[2c+h], off),
- *   chunk by chunk in column order; the result is the lanes added in a fixed tree, plus off.
+ *   chunk by chunk in column order; the result is the lanes added in a fixed tree, plus off,
+ *   times 1 / p.
+ * Each element of x thus moves by at most half a step of its block (amax / 65534): an
+ * element much smaller than its block's largest keeps correspondingly fewer bits.
  * Each element depends only on its own row of x and row of W: the results are the same
  * for every n, every row's neighbours and every thread count (batch invariant), and the
- * same on the portable and AVX-512 paths (AVX2 machines run the portable one).
+ * same on the portable, AVX2 and AVX-512 paths.
  *
  * Tasks get long runs of W rows (two tasks per thread) and loop over x four rows at a time,
  * so a chunk of W is decoded once per four rows of x; software prefetches keep the weights
@@ -206,37 +211,58 @@ bool zm_int16_supported(uint32_t type) { return part_of(type) != NULL; }
 
 /* ---------------------------------------------------------------- x: rows as int16 */
 
-/* One quantized row: X[cols], then s[cols / 32], then xs[cols / 16]; rows `stride` apart. */
+/* One quantized row: X[cols], then s[cols / 32], then xs[cols / 16], then its unscale; rows
+ * `stride` apart. */
 static size_t row_stride(size_t cols) {
-    size_t bytes = cols * 2 + cols / 32 * 4 + cols / 16 * 4;
+    size_t bytes = cols * 2 + cols / 32 * 4 + cols / 16 * 4 + 4;
     return (bytes + 63) & ~(size_t)63;
 }
+
+static inline float *row_scales(const uint8_t *row, size_t cols) { return (float *)(row + cols * 2); }
+static inline float row_unscale(const uint8_t *row, size_t cols) { return row_scales(row, cols)[cols / 32 + cols / 16]; }
 
 /* Rounding to nearest even by adding and subtracting 1.5 * 2^23: exact for |v| < 2^22, the
  * same as the vector conversion (cvtps) in the default rounding mode, and no libm call. */
 #define ROUNDER 12582912.0f
 
-/* The row's scales: 32767 / amax to quantize with, amax / 32767 to keep. */
+/* The block's scales: 32767 / amax to quantize with, amax / 32767 to keep. */
 static inline void block_scales(float amax, float *id, float *s) {
     *id = amax > 0 ? 32767.0f / amax : 0;
     *s = amax / 32767.0f;
 }
 
+/* A row is first scaled by a power of two that brings its largest magnitude into [0.5, 1)
+ * (exact; the results are scaled back at the end), so a row of tiny or huge values keeps
+ * its block scales and sums inside the normal float range. For a row whose values are
+ * around 1 this changes no bit. Returns the scale; *unscale is its inverse. */
+static float row_power(float amax, float *unscale) {
+    int e = 0;
+    if (amax > 0) frexpf(amax, &e);
+    int k = -e < -126 ? -126 : -e > 126 ? 126 : -e;
+    *unscale = ldexpf(1.0f, -k);
+    return ldexpf(1.0f, k);
+}
+
 static void quantize_row(const float *x, size_t cols, uint8_t *row) {
     int16_t *X = (int16_t *)row;
-    float *s = (float *)(row + cols * 2), *xs = s + cols / 32;
+    float *s = row_scales(row, cols), *xs = s + cols / 32, row_max = 0;
     bool finite = true;
-    for (size_t j = 0; j < cols; j++) finite &= isfinite(x[j]);
+    for (size_t j = 0; j < cols; j++) {
+        finite &= isfinite(x[j]);
+        row_max = fabsf(x[j]) > row_max ? fabsf(x[j]) : row_max;
+    }
+    float p = row_power(finite ? row_max : 0, &xs[cols / 16]);
     for (size_t c = 0; c < cols / 32; c++) {
-        const float *v = x + 32 * c;
-        float amax = 0, id;
-        for (int j = 0; j < 32 && finite; j++) amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
+        float v[32], amax = 0, id;
+        for (int j = 0; j < 32; j++) {
+            v[j] = finite ? x[32 * c + j] * p : 0;
+            amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
+        }
         block_scales(amax, &id, &s[c]);
         for (int h = 0; h < 2; h++) {
             int32_t sum = 0;
             for (int j = 16 * h; j < 16 * h + 16; j++) {
-                float q = finite ? (v[j] * id + ROUNDER) - ROUNDER : 0;
-                X[32 * c + j] = (int16_t)q;
+                X[32 * c + j] = (int16_t)((v[j] * id + ROUNDER) - ROUNDER);
                 sum += X[32 * c + j];
             }
             xs[2 * c + h] = s[c] * (float)sum;
@@ -248,13 +274,19 @@ static void quantize_row(const float *x, size_t cols, uint8_t *row) {
 /* The same values, 32 at a time. */
 static TARGET void quantize_row_avx512(const float *x, size_t cols, uint8_t *row) {
     int16_t *X = (int16_t *)row;
-    float *s = (float *)(row + cols * 2), *xs = s + cols / 32;
+    float *s = row_scales(row, cols), *xs = s + cols / 32;
     __mmask16 bad = 0;
-    for (size_t j = 0; j < cols; j += 16) /* NaN (quiet, signalling) or infinity */
-        bad |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(x + j), 0x01 | 0x80 | 0x08 | 0x10);
+    __m512 top = _mm512_setzero_ps();
+    for (size_t j = 0; j < cols; j += 16) { /* NaN (quiet, signalling) or infinity */
+        __m512 v = _mm512_loadu_ps(x + j);
+        bad |= _mm512_fpclass_ps_mask(v, 0x01 | 0x80 | 0x08 | 0x10);
+        top = _mm512_max_ps(top, _mm512_abs_ps(v));
+    }
     const __m512 rounder = _mm512_set1_ps(ROUNDER);
+    const __m512 p = _mm512_set1_ps(row_power(bad ? 0 : _mm512_reduce_max_ps(top), &xs[cols / 16]));
     for (size_t c = 0; c < cols / 32; c++) {
-        __m512 v0 = _mm512_loadu_ps(x + 32 * c), v1 = _mm512_loadu_ps(x + 32 * c + 16), id;
+        __m512 v0 = _mm512_mul_ps(_mm512_loadu_ps(x + 32 * c), p);
+        __m512 v1 = _mm512_mul_ps(_mm512_loadu_ps(x + 32 * c + 16), p), id;
         float amax = bad ? 0 : _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         float idf;
         block_scales(amax, &idf, &s[c]);
@@ -320,7 +352,7 @@ static void rows_portable(const int16_job_t *job, size_t r0, unsigned nw, size_t
                     off = fmaf(ch.mw[1], xs[2 * c + 1], off);
                 }
             }
-            job->out[(i0 + i) * job->rows + r0 + r] = reduce16(lane) + off;
+            job->out[(i0 + i) * job->rows + r0 + r] = (reduce16(lane) + off) * row_unscale(row, job->cols);
         }
 }
 
@@ -482,7 +514,8 @@ static ALWAYS_INLINE TARGET void rows_avx512_block(const int16_job_t *job, uint3
         for (unsigned i = 0; i < NX; i++) {
             float lane[16];
             _mm512_storeu_ps(lane, acc[r][i]);
-            job->out[(i0 + i) * job->rows + r0 + r] = reduce16(lane) + off[r][i];
+            job->out[(i0 + i) * job->rows + r0 + r] =
+                (reduce16(lane) + off[r][i]) * row_unscale(job->xq + (i0 + i) * job->stride, job->cols);
         }
 }
 
@@ -523,6 +556,207 @@ static rows_fn rows_avx512(uint32_t type) {
     }
 }
 
+/* ---------------------------------------------------------------- AVX2 */
+
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/* A chunk's 32 integers as two halves of 16 (elements 0..15, 16..31). */
+typedef struct {
+    __m256i lo, hi;
+    float dw, mw[2];
+} ychunk_t;
+
+static ALWAYS_INLINE TARGET_AVX2 void nibbles16_avx2(const uint8_t *q, __m256i *lo, __m256i *hi) {
+    __m128i b = _mm_loadu_si128((const __m128i *)q), m = _mm_set1_epi8(0x0f);
+    *lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, m));
+    *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), m));
+}
+
+/* 16 in lane l where bit l of `bits` is set, else 0 (16 int16 lanes). */
+static ALWAYS_INLINE TARGET_AVX2 __m256i bit_lanes16(uint32_t bits) {
+    const __m256i lane_bits = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                                4096, 8192, 16384, (short)0x8000);
+    __m256i set = _mm256_and_si256(_mm256_set1_epi16((short)bits), lane_bits);
+    return _mm256_and_si256(_mm256_cmpeq_epi16(set, lane_bits), _mm256_set1_epi16(16));
+}
+
+static ALWAYS_INLINE TARGET_AVX2 float yhalf(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* 32 bytes -> two halves of 16 int16 (zero-extended). */
+static ALWAYS_INLINE TARGET_AVX2 void widen32(__m256i b, ychunk_t *o) {
+    o->lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(b));
+    o->hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(b, 1));
+}
+
+static ALWAYS_INLINE TARGET_AVX2 void ypart(uint32_t type, part_fn part, const uint8_t *src,
+                                            unsigned c, ychunk_t *o) {
+    switch (type) {
+    case ZM_GGML_Q4_0:
+        nibbles16_avx2(src + 2, &o->lo, &o->hi);
+        o->lo = _mm256_sub_epi16(o->lo, _mm256_set1_epi16(8));
+        o->hi = _mm256_sub_epi16(o->hi, _mm256_set1_epi16(8));
+        o->dw = yhalf(src), o->mw[0] = o->mw[1] = 0;
+        return;
+    case ZM_GGML_Q4_1:
+        nibbles16_avx2(src + 4, &o->lo, &o->hi);
+        o->dw = yhalf(src), o->mw[0] = o->mw[1] = yhalf(src + 2);
+        return;
+    case ZM_GGML_Q5_0:
+    case ZM_GGML_Q5_1: {
+        bool q5_1 = type == ZM_GGML_Q5_1;
+        uint32_t qh = load32(src + (q5_1 ? 4 : 2));
+        nibbles16_avx2(src + (q5_1 ? 8 : 6), &o->lo, &o->hi);
+        o->lo = _mm256_add_epi16(o->lo, bit_lanes16(qh));
+        o->hi = _mm256_add_epi16(o->hi, bit_lanes16(qh >> 16));
+        if (!q5_1) {
+            o->lo = _mm256_sub_epi16(o->lo, _mm256_set1_epi16(16));
+            o->hi = _mm256_sub_epi16(o->hi, _mm256_set1_epi16(16));
+        }
+        o->dw = yhalf(src), o->mw[0] = o->mw[1] = q5_1 ? yhalf(src + 2) : 0;
+        return;
+    }
+    case ZM_GGML_Q8_0:
+        o->lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(src + 2)));
+        o->hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(src + 18)));
+        o->dw = yhalf(src), o->mw[0] = o->mw[1] = 0;
+        return;
+    case ZM_GGML_Q4_K:
+    case ZM_GGML_Q5_K: {
+        const uint8_t *qs = src + (type == ZM_GGML_Q4_K ? 16 : 48) + 32 * (c >> 1);
+        __m256i b = _mm256_loadu_si256((const __m256i *)qs);
+        if (c & 1) b = _mm256_srli_epi16(b, 4);
+        b = _mm256_and_si256(b, _mm256_set1_epi8(0x0f));
+        if (type == ZM_GGML_Q5_K) { /* bit c of qh[l] is the fifth bit */
+            __m256i bit = _mm256_set1_epi8((char)(1u << c));
+            __m256i qh = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(src + 16)), bit);
+            b = _mm256_add_epi8(b, _mm256_and_si256(_mm256_cmpeq_epi8(qh, bit), _mm256_set1_epi8(16)));
+        }
+        int sc, m;
+        scale_min_k4(src + 4, c, &sc, &m);
+        widen32(b, o);
+        o->lo = _mm256_mullo_epi16(o->lo, _mm256_set1_epi16((short)sc));
+        o->hi = _mm256_mullo_epi16(o->hi, _mm256_set1_epi16((short)sc));
+        o->dw = yhalf(src), o->mw[0] = o->mw[1] = -(yhalf(src + 2) * (float)m);
+        return;
+    }
+    case ZM_GGML_Q6_K: {
+        unsigned h = c >> 2, k = (c >> 1) & 1, j = c & 3;
+        __m256i low = _mm256_loadu_si256((const __m256i *)(src + 64 * h + 32 * (c & 1)));
+        __m256i high = _mm256_loadu_si256((const __m256i *)(src + 128 + 32 * h));
+        low = _mm256_and_si256(_mm256_srli_epi16(low, 4 * k), _mm256_set1_epi8(0x0f));
+        high = _mm256_and_si256(_mm256_srli_epi16(high, 2 * j), _mm256_set1_epi8(3));
+        widen32(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), o);
+        const int8_t *scales = (const int8_t *)(src + 192);
+        o->lo = _mm256_mullo_epi16(_mm256_sub_epi16(o->lo, _mm256_set1_epi16(32)), _mm256_set1_epi16(scales[2 * c]));
+        o->hi = _mm256_mullo_epi16(_mm256_sub_epi16(o->hi, _mm256_set1_epi16(32)), _mm256_set1_epi16(scales[2 * c + 1]));
+        o->dw = yhalf(src + 208), o->mw[0] = o->mw[1] = 0;
+        return;
+    }
+    default: { /* IQ4_NL, Q2_K, Q3_K: the portable part, loaded */
+        chunk_t ch;
+        part(src, c, &ch);
+        o->lo = _mm256_load_si256((const __m256i *)ch.w);
+        o->hi = _mm256_load_si256((const __m256i *)(ch.w + 16));
+        o->dw = ch.dw, o->mw[0] = ch.mw[0], o->mw[1] = ch.mw[1];
+        return;
+    }
+    }
+}
+
+/* Rows [r0, r0 + NW) against one row of x: lanes 0..7 in one register, 8..15 in another,
+ * the same sums as the 16-lane definition. */
+static ALWAYS_INLINE TARGET_AVX2 void rows_avx2_block(const int16_job_t *job, uint32_t type,
+                                                      size_t r0, size_t i, const unsigned NW) {
+    size_t chunks = job->cols / 32;
+    const unsigned CPB = chunks_per_block(type);
+    const uint8_t *row = job->xq + i * job->stride;
+    const int16_t *X = (const int16_t *)row;
+    const float *s = (const float *)(row + job->cols * 2), *xs = s + chunks;
+    __m256 acc[BLOCK_W][2];
+    float off[BLOCK_W];
+    const uint8_t *w_row[BLOCK_W];
+    #pragma GCC unroll 16
+    for (unsigned r = 0; r < NW; r++) {
+        w_row[r] = job->w + (r0 + r) * job->row_bytes;
+        acc[r][0] = acc[r][1] = _mm256_setzero_ps(), off[r] = 0;
+    }
+    for (size_t c0 = 0, b = 0; c0 < chunks; c0 += CPB, b += job->block_bytes)
+        UNROLL_PARTS
+        for (unsigned part = 0; part < CPB; part++) {
+            size_t c = c0 + part;
+            if (PREFETCH_GROUPS) {
+                const uint8_t *ahead = w_row[0] + PREFETCH_GROUPS * BLOCK_W * job->row_bytes +
+                                       BLOCK_W * (b + part * job->block_bytes / CPB);
+                _mm_prefetch((const char *)ahead, _MM_HINT_T0);
+                _mm_prefetch((const char *)ahead + 64, _MM_HINT_T0);
+                _mm_prefetch((const char *)ahead + 128, _MM_HINT_T0);
+            }
+            __m256i x0 = _mm256_load_si256((const __m256i *)(X + 32 * c));
+            __m256i x1 = _mm256_load_si256((const __m256i *)(X + 32 * c + 16));
+            float sc = s[c];
+            #pragma GCC unroll 16
+            for (unsigned r = 0; r < NW; r++) {
+                ychunk_t w;
+                ypart(type, job->part, w_row[r] + b, part, &w);
+                __m256 scale = _mm256_set1_ps(w.dw * sc);
+                acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w.lo, x0)), scale, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w.hi, x1)), scale, acc[r][1]);
+                if (has_min(type)) {
+                    off[r] = fmaf(w.mw[0], xs[2 * c], off[r]);
+                    off[r] = fmaf(w.mw[1], xs[2 * c + 1], off[r]);
+                }
+            }
+        }
+    #pragma GCC unroll 16
+    for (unsigned r = 0; r < NW; r++) {
+        float lane[16];
+        _mm256_storeu_ps(lane, acc[r][0]);
+        _mm256_storeu_ps(lane + 8, acc[r][1]);
+        job->out[i * job->rows + r0 + r] = (reduce16(lane) + off[r]) * row_unscale(row, job->cols);
+    }
+}
+
+#define DEFINE_ROWS_AVX2(name, type)                                                         \
+    static TARGET_AVX2 void rows_avx2_##name(const int16_job_t *job, size_t r0, unsigned nw, \
+                                             size_t i0, unsigned nx) {                      \
+        for (size_t i = i0; i < i0 + nx; i++) {                                             \
+            if (nw == BLOCK_W) rows_avx2_block(job, type, r0, i, BLOCK_W);                  \
+            else rows_avx2_block(job, type, r0, i, 1);                                      \
+        }                                                                                    \
+    }
+
+DEFINE_ROWS_AVX2(q4_0, ZM_GGML_Q4_0)
+DEFINE_ROWS_AVX2(q4_1, ZM_GGML_Q4_1)
+DEFINE_ROWS_AVX2(q5_0, ZM_GGML_Q5_0)
+DEFINE_ROWS_AVX2(q5_1, ZM_GGML_Q5_1)
+DEFINE_ROWS_AVX2(q8_0, ZM_GGML_Q8_0)
+DEFINE_ROWS_AVX2(q4_k, ZM_GGML_Q4_K)
+DEFINE_ROWS_AVX2(q5_k, ZM_GGML_Q5_K)
+DEFINE_ROWS_AVX2(q6_k, ZM_GGML_Q6_K)
+DEFINE_ROWS_AVX2(iq4_nl, ZM_GGML_IQ4_NL)
+DEFINE_ROWS_AVX2(q2_k, ZM_GGML_Q2_K)
+DEFINE_ROWS_AVX2(q3_k, ZM_GGML_Q3_K)
+
+static rows_fn rows_avx2(uint32_t type) {
+    switch (type) {
+    case ZM_GGML_Q4_0: return rows_avx2_q4_0;
+    case ZM_GGML_Q4_1: return rows_avx2_q4_1;
+    case ZM_GGML_Q5_0: return rows_avx2_q5_0;
+    case ZM_GGML_Q5_1: return rows_avx2_q5_1;
+    case ZM_GGML_Q8_0: return rows_avx2_q8_0;
+    case ZM_GGML_Q4_K: return rows_avx2_q4_k;
+    case ZM_GGML_Q5_K: return rows_avx2_q5_k;
+    case ZM_GGML_Q6_K: return rows_avx2_q6_k;
+    case ZM_GGML_IQ4_NL: return rows_avx2_iq4_nl;
+    case ZM_GGML_Q2_K: return rows_avx2_q2_k;
+    default: return rows_avx2_q3_k;
+    }
+}
+
 /* ---------------------------------------------------------------- running it */
 
 static void prepare(void *arg, void *shared) {
@@ -549,7 +783,8 @@ static void task(void *arg, size_t t, unsigned worker) {
 }
 
 int zm_int16_matmul(uint32_t type, const void *w, size_t rows, size_t cols, size_t row_bytes,
-                    const float *x, size_t n, float *out, bool avx512) {
+                    const float *x, size_t n, float *out, int path) {
+    bool avx512 = path == ZM_KERNELS_AVX512;
     uint32_t block, bytes;
     part_fn part = part_of(type);
     if (!part || !zm_ggml_type_size(type, &block, &bytes) || cols % 32 || block % 32) {
@@ -557,7 +792,7 @@ int zm_int16_matmul(uint32_t type, const void *w, size_t rows, size_t cols, size
         return ZM_ERR_INVALID_ARG;
     }
     int16_job_t job = {
-        .part = part, .rows_kernel = avx512 ? rows_avx512(type) : rows_portable, .w = w,
+        .part = part, .rows_kernel = avx512 ? rows_avx512(type) : path == ZM_KERNELS_AVX2 ? rows_avx2(type) : rows_portable, .w = w,
         .rows = rows, .cols = cols, .row_bytes = row_bytes, .block_bytes = bytes,
         .chunks_per_block = block / 32, .x = x, .n = n, .stride = row_stride(cols), .out = out,
         .has_min = has_min(type), .avx512 = avx512,

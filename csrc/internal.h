@@ -89,9 +89,9 @@ zm_dequant_fn zm_dequant_kernel_avx2(uint32_t type);
 zm_fused_fn zm_fused_kernel_avx2(uint32_t type);
 
 /* int16_matmul.c: out = x @ W^T with x quantized to int16 (see ZM_MATMUL_INT16); the
- * caller has checked the arguments. avx512: the CPU has it. */
+ * caller has checked the arguments. path: a ZM_KERNELS_* path the CPU runs. */
 bool zm_int16_supported(uint32_t type);
 int zm_int16_matmul(uint32_t type, const void *w, size_t rows, size_t cols, size_t row_bytes,
-                    const float *x, size_t n, float *out, bool avx512);
+                    const float *x, size_t n, float *out, int path);
 
 #endif

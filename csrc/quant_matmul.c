@@ -359,8 +359,7 @@ int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, cons
         return ZM_ERR_INVALID_ARG;
     }
     if ((flags & ZM_MATMUL_INT16) && zm_int16_supported(type))
-        return zm_int16_matmul(type, w, rows, cols, row_bytes, x, n, out,
-                               zm_kernels_get() == ZM_KERNELS_AVX512);
+        return zm_int16_matmul(type, w, rows, cols, row_bytes, x, n, out, zm_kernels_get());
     size_t scratch_row;
     if (__builtin_mul_overflow(cols, sizeof(float), &scratch_row)) {
         zm_fail(ZM_ERR_TOO_LARGE, cols, 0, 0);
