@@ -238,7 +238,7 @@ def test_memory_lives_in_zigmem_allocators_and_the_arena_stays_clean(tmp_path):
 
 @pytest.mark.parametrize("ids,match", [([-1], "outside"), ([VOCAB], "outside"), ([3, 2**40], "outside"),
                                        ([1.5], "integers"), ([[1, 2], [3, 4]], "integers"),
-                                       ([], "context")])
+                                       ([], "empty")])
 def test_bad_token_ids_raise_and_leave_the_cache_alone(tmp_path, ids, match):
     write_tiny_llama(tmp_path / "tiny.gguf")
     model = load_model(tmp_path / "tiny.gguf", context=16)

@@ -265,6 +265,44 @@ def test_int16_activations_a_row_with_nan_or_inf_is_nan_the_others_unchanged(mod
     assert y[[0, 3]].tobytes() == clean[[0, 3]].tobytes()
 
 
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("scale", [1e-36, 1e-41, 1e33])  # 1e-41: subnormal; 1e33: sums near 1e36
+def test_int16_activations_keep_tiny_and_huge_rows_in_range(model, name, scale):
+    """A row is scaled by a power of two first: block scales and sums of rows near the
+    ends of the float range neither flush to zero nor overflow (the adversarial tester's
+    1e-36 row came out 0, a 3e38 row NaN)."""
+    q = model.matrix(name)
+    x = RNG.standard_normal((2, q.shape[1])).astype(np.float32)
+    x[0] *= np.float32(scale)
+    dense = reference(model, name)
+    y = q.matmul(x, quantize_activations=True)
+    assert np.isfinite(y).all()
+    x64 = x.astype(np.float64)
+    exact = x64 @ dense.astype(np.float64).T
+    bound = np.abs(x64) @ np.abs(dense).astype(np.float64).T
+    tolerance = 1e-4 if scale > 1e-38 else 1e-2  # subnormal x carries few bits of its own
+    assert np.all(np.abs(y - exact) <= tolerance * bound + 1e-44)
+    assert q.matmul(x[0], quantize_activations=True).tobytes() == y[0].tobytes()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q2_K])
+def test_int16_activations_near_float_max_with_minimums_stay_finite(qtype):
+    """x = 3e38 against weights of scale ~1e-7: the true products are finite; the block sums
+    of the minimum terms (16 x 32767 x scale) used to overflow to inf, then NaN."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = RNG.integers(0, 256, (2, 256 // block, size), dtype=np.uint8)
+    for off in SCALE_FIELDS[qtype]:
+        scale = RNG.uniform(-3e-7, 3e-7, (2, 256 // block)).astype(np.float16)
+        raw[:, :, off:off + 2] = scale.view(np.uint8).reshape(2, 256 // block, 2)
+    q = qm.QuantizedMatrix("huge", qtype.name, (2, 256), raw.reshape(-1))
+    dense = q.dequantize().astype(np.float64)
+    x = np.full(256, 3e38, np.float32)
+    exact = dense @ x.astype(np.float64)
+    assert np.all(np.abs(exact) < 3e38)
+    y = q.matmul(x, quantize_activations=True)
+    assert np.all(np.abs(y - exact) <= 1e-4 * (np.abs(dense) @ np.abs(x.astype(np.float64))))
+
+
 @pytest.mark.parametrize("name", ["F32", "F16", "BF16"])
 def test_float_weights_ignore_quantize_activations(model, name):
     q = model.matrix(name)
@@ -345,6 +383,13 @@ def bad_x_cases():
         "non-contiguous": np.ones((2, 2 * COLS), np.float32)[:, ::2],
         "big-endian": good.astype(">f4"),
     }
+
+
+def test_messages_name_what_was_passed(model):
+    with pytest.raises(zm.InvalidArgumentError, match="not a numpy float32 scalar"):
+        model.matrix("Q4_0").matmul(np.float32(1))
+    with pytest.raises(zm.InvalidArgumentError, match="numpy array of the matrix's bytes, not bytes"):
+        qm.QuantizedMatrix("m", "Q8_0", (1, 32), bytes(34))
 
 
 @pytest.mark.parametrize("case", sorted(bad_x_cases()))

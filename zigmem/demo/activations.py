@@ -11,8 +11,8 @@ class Activations:
 
     ``decode_rows``: the first rows are decode steps (one generated token each); their
     products quantize the activations to int16 (``QuantizedMatrix.matmul(...,
-    quantize_activations=True)``: integer dots, faster for the few rows of a step, off by
-    ~1e-5 relative). Prompt rows stay float32: they are many, and the float kernels reuse
+    quantize_activations=True)``: integer dots, faster for the few rows of a step; each
+    element within half a step of its 32-column block, ~1e-5 relative). Prompt rows stay float32: they are many, and the float kernels reuse
     each dequantized tile across them. Each row's result depends only on the row and its
     kind, so batching sequences together never changes them.
     """

@@ -55,9 +55,9 @@ class Llama:
         progress: optional ``progress(done, total)`` called per layer while loading.
         quantize_decode: decode steps (``forward(..., decode=True)``, as ``generate`` makes
             them) multiply with int16 activations: integer dots, ~1.5x faster matrix
-            products, logits within ~1e-5 of float32 (see ``Activations``). False: float32
-            everywhere. None (default): True where the kernels run AVX-512 (the integer
-            dots' vector path; elsewhere they run portable C, slower than float32).
+            products, logits within a cosine of 0.99999 of float32 (see ``Activations``). False: float32
+            everywhere. None (default): True where the kernels are vectorized (AVX2 or
+            AVX-512); with portable C kernels the integer dots are not always faster.
             Prompts are always float32.
 
     Raises:
@@ -74,7 +74,7 @@ class Llama:
         t0 = time.perf_counter()
         self.path, self.use_arena = str(path), arena
         if quantize_decode is None:
-            quantize_decode = kernel_path() == "avx512"
+            quantize_decode = kernel_path() != "portable"
         if type(quantize_decode) is not bool:
             raise zm.InvalidArgumentError(
                 f"quantize_decode must be True, False or None, not {quantize_decode!r}")
@@ -196,7 +196,9 @@ class Llama:
             bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
             raise zm.InvalidArgumentError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         start = self.cache.seq_len
-        if not ids.size or start + ids.size > self.context:
+        if not ids.size:
+            raise zm.InvalidArgumentError("token ids are empty: forward needs at least one token")
+        if start + ids.size > self.context:
             raise zm.InvalidArgumentError(
                 f"{ids.size} tokens after {start} do not fit the context of {self.context}")
         return ids.astype(np.int64, copy=False)

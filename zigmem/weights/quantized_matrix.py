@@ -110,7 +110,8 @@ _F32 = np.dtype(np.float32)
 
 def _float32_array(value: object, what: str) -> np.ndarray:
     if not isinstance(value, np.ndarray):
-        raise InvalidArgumentError(f"{what} must be a numpy float32 array, not {type(value).__name__}")
+        kind = f"a numpy {type(value).__name__} scalar" if isinstance(value, np.generic) else type(value).__name__
+        raise InvalidArgumentError(f"{what} must be a numpy float32 array, not {kind}")
     if value.dtype != _F32:
         raise InvalidArgumentError(f"{what} must be float32, not {value.dtype} (convert it "
                                    "explicitly: zigmem does not cast behind your back)")
@@ -165,7 +166,10 @@ class QuantizedMatrix:
         rows, cols = (int(d) for d in shape)
         block, size = ffi.new("uint32_t *"), ffi.new("uint32_t *")
         lib.zm_ggml_type_size(self._type, block, size)
-        if not isinstance(data, np.ndarray) or not data.flags.c_contiguous:
+        if not isinstance(data, np.ndarray):
+            raise InvalidArgumentError(f"matrix {name!r}: data must be a numpy array of the "
+                                       f"matrix's bytes, not {type(data).__name__}")
+        if not data.flags.c_contiguous:
             raise InvalidArgumentError(f"matrix {name!r}: data must be a C-contiguous array")
         if rows < 0 or cols < 0 or cols % block[0] or data.nbytes != rows * (cols // block[0]) * size[0]:
             raise InvalidArgumentError(
@@ -189,11 +193,14 @@ class QuantizedMatrix:
                 numpy (inside ``with arena.numpy():`` it lands in the arena).
             quantize_activations: False (default): float32 activations; the result equals
                 ``x @ dequantize(W).T`` up to float32 summation order. True: each row of x is
-                quantized to int16 per 32 columns (scale = the block's largest magnitude /
-                32767) and met with integer dots, as llama.cpp does with 8 bits: about 2x
-                faster for a few rows (a decode step), off by ~1e-5 relative; a row holding
-                NaN or infinity gives NaN. Still deterministic and batch invariant. F32, F16
-                and BF16 weights ignore it.
+                quantized to int16 per 32 columns and met with integer dots, as llama.cpp
+                does with 8 bits: ~1.5x faster for a few rows (a decode step). Each element
+                of x moves by at most half a step of its block (the block's largest
+                magnitude / 65534): ~1e-5 relative for typical activations, fewer bits for
+                an element far smaller than an outlier beside it. Rows of any magnitude
+                keep their range (each row is scaled by a power of two first); a row holding
+                NaN or infinity gives NaN. Deterministic and batch invariant, the same bits on
+                every kernel path. F32, F16 and BF16 weights ignore it.
 
         Returns:
             ``out``: float32 ``[out_features]`` or ``[n, out_features]``.
