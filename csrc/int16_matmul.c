@@ -356,6 +356,37 @@ static void rows_portable(const int16_job_t *job, size_t r0, unsigned nw, size_t
         }
 }
 
+/* ---------------------------------------------------------------- bytes of a K-quant chunk
+ *
+ * Shared by the AVX2 and AVX-512 parts (AVX-512 machines have AVX2): a chunk's 32 quants as
+ * bytes, before widening to int16. */
+
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/* Q4_K / Q5_K chunk c: nibble c & 1 of qs[32 (c / 2) + l], plus 16 where bit c of qh[l]. */
+static ALWAYS_INLINE TARGET_AVX2 __m256i k4_bytes(uint32_t type, const uint8_t *src, unsigned c) {
+    const uint8_t *qs = src + (type == ZM_GGML_Q4_K ? 16 : 48) + 32 * (c >> 1);
+    __m256i b = _mm256_loadu_si256((const __m256i *)qs);
+    if (c & 1) b = _mm256_srli_epi16(b, 4);
+    b = _mm256_and_si256(b, _mm256_set1_epi8(0x0f));
+    if (type == ZM_GGML_Q5_K) {
+        __m256i bit = _mm256_set1_epi8((char)(1u << c));
+        __m256i qh = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(src + 16)), bit);
+        b = _mm256_add_epi8(b, _mm256_and_si256(_mm256_cmpeq_epi8(qh, bit), _mm256_set1_epi8(16)));
+    }
+    return b;
+}
+
+/* Q6_K chunk c: the 6-bit quants (0..63), see part_q6_k. */
+static ALWAYS_INLINE TARGET_AVX2 __m256i q6_k_bytes(const uint8_t *src, unsigned c) {
+    unsigned h = c >> 2, k = (c >> 1) & 1, j = c & 3;
+    __m256i low = _mm256_loadu_si256((const __m256i *)(src + 64 * h + 32 * (c & 1)));
+    __m256i high = _mm256_loadu_si256((const __m256i *)(src + 128 + 32 * h));
+    low = _mm256_and_si256(_mm256_srli_epi16(low, 4 * k), _mm256_set1_epi8(0x0f));
+    high = _mm256_and_si256(_mm256_srli_epi16(high, 2 * j), _mm256_set1_epi8(3));
+    return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+}
+
 /* ---------------------------------------------------------------- AVX-512 */
 
 typedef struct {
@@ -405,15 +436,7 @@ static ALWAYS_INLINE TARGET void vpart(uint32_t type, part_fn part, const uint8_
         return;
     case ZM_GGML_Q4_K:
     case ZM_GGML_Q5_K: {
-        const uint8_t *qs = src + (type == ZM_GGML_Q4_K ? 16 : 48) + 32 * (c >> 1);
-        __m256i b = _mm256_loadu_si256((const __m256i *)qs);
-        if (c & 1) b = _mm256_srli_epi16(b, 4);
-        b = _mm256_and_si256(b, _mm256_set1_epi8(0x0f));
-        if (type == ZM_GGML_Q5_K) { /* bit c of qh[l] is the fifth bit */
-            __mmask32 high = _mm256_test_epi8_mask(_mm256_loadu_si256((const __m256i *)(src + 16)),
-                                                   _mm256_set1_epi8((char)(1u << c)));
-            b = _mm256_mask_add_epi8(b, high, b, _mm256_set1_epi8(16));
-        }
+        __m256i b = k4_bytes(type, src, c);
         int sc, m;
         scale_min_k4(src + 4, c, &sc, &m);
         o->w = _mm512_mullo_epi16(_mm512_cvtepu8_epi16(b), _mm512_set1_epi16((short)sc));
@@ -421,12 +444,7 @@ static ALWAYS_INLINE TARGET void vpart(uint32_t type, part_fn part, const uint8_
         return;
     }
     case ZM_GGML_Q6_K: {
-        unsigned h = c >> 2, k = (c >> 1) & 1, j = c & 3;
-        __m256i low = _mm256_loadu_si256((const __m256i *)(src + 64 * h + 32 * (c & 1)));
-        __m256i high = _mm256_loadu_si256((const __m256i *)(src + 128 + 32 * h));
-        low = _mm256_and_si256(_mm256_srli_epi16(low, 4 * k), _mm256_set1_epi8(0x0f));
-        high = _mm256_and_si256(_mm256_srli_epi16(high, 2 * j), _mm256_set1_epi8(3));
-        __m512i q = _mm512_cvtepu8_epi16(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)));
+        __m512i q = _mm512_cvtepu8_epi16(q6_k_bytes(src, c));
         const int8_t *scales = (const int8_t *)(src + 192);
         __m512i sc = _mm512_mask_blend_epi16(0xffff0000u, _mm512_set1_epi16(scales[2 * c]),
                                              _mm512_set1_epi16(scales[2 * c + 1]));
@@ -558,8 +576,6 @@ static rows_fn rows_avx512(uint32_t type) {
 
 /* ---------------------------------------------------------------- AVX2 */
 
-#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-
 /* A chunk's 32 integers as two halves of 16 (elements 0..15, 16..31). */
 typedef struct {
     __m256i lo, hi;
@@ -626,15 +642,7 @@ static ALWAYS_INLINE TARGET_AVX2 void ypart(uint32_t type, part_fn part, const u
         return;
     case ZM_GGML_Q4_K:
     case ZM_GGML_Q5_K: {
-        const uint8_t *qs = src + (type == ZM_GGML_Q4_K ? 16 : 48) + 32 * (c >> 1);
-        __m256i b = _mm256_loadu_si256((const __m256i *)qs);
-        if (c & 1) b = _mm256_srli_epi16(b, 4);
-        b = _mm256_and_si256(b, _mm256_set1_epi8(0x0f));
-        if (type == ZM_GGML_Q5_K) { /* bit c of qh[l] is the fifth bit */
-            __m256i bit = _mm256_set1_epi8((char)(1u << c));
-            __m256i qh = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(src + 16)), bit);
-            b = _mm256_add_epi8(b, _mm256_and_si256(_mm256_cmpeq_epi8(qh, bit), _mm256_set1_epi8(16)));
-        }
+        __m256i b = k4_bytes(type, src, c);
         int sc, m;
         scale_min_k4(src + 4, c, &sc, &m);
         widen32(b, o);
@@ -644,12 +652,7 @@ static ALWAYS_INLINE TARGET_AVX2 void ypart(uint32_t type, part_fn part, const u
         return;
     }
     case ZM_GGML_Q6_K: {
-        unsigned h = c >> 2, k = (c >> 1) & 1, j = c & 3;
-        __m256i low = _mm256_loadu_si256((const __m256i *)(src + 64 * h + 32 * (c & 1)));
-        __m256i high = _mm256_loadu_si256((const __m256i *)(src + 128 + 32 * h));
-        low = _mm256_and_si256(_mm256_srli_epi16(low, 4 * k), _mm256_set1_epi8(0x0f));
-        high = _mm256_and_si256(_mm256_srli_epi16(high, 2 * j), _mm256_set1_epi8(3));
-        widen32(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), o);
+        widen32(q6_k_bytes(src, c), o);
         const int8_t *scales = (const int8_t *)(src + 192);
         o->lo = _mm256_mullo_epi16(_mm256_sub_epi16(o->lo, _mm256_set1_epi16(32)), _mm256_set1_epi16(scales[2 * c]));
         o->hi = _mm256_mullo_epi16(_mm256_sub_epi16(o->hi, _mm256_set1_epi16(32)), _mm256_set1_epi16(scales[2 * c + 1]));
