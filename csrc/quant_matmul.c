@@ -291,19 +291,28 @@ static void fused_rows(const matmul_job_t *job, size_t r0, unsigned nw) {
     store_results(job, acc, r0, nw, 0, 1);
 }
 
+/* Ask for rows [r, r + n) of W ahead of use, within the task's rows: a decode step reads
+ * each weight once, and the mapped file's 4 KiB pages stop the hardware prefetchers. */
+static void prefetch_rows(const matmul_job_t *job, size_t r, size_t n, size_t end) {
+    if (r >= end) return;
+    const char *p = (const char *)job->w + r * job->row_bytes;
+    size_t bytes = (r + n < end ? n : end - r) * job->row_bytes;
+    for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
 static void matmul_task(void *arg, size_t task, unsigned worker) {
     const matmul_job_t *job = arg;
     size_t r0 = task * job->tile_rows, cols = job->cols;
     size_t nrows = job->rows - r0 < job->tile_rows ? job->rows - r0 : job->tile_rows;
-    if (job->fused) {
-        for (size_t r = 0; r < nrows; r += BLOCK_W)
-            fused_rows(job, r0 + r, nrows - r < BLOCK_W ? (unsigned)(nrows - r) : BLOCK_W);
-        return;
-    }
-    if (job->stream) {
+    if (job->fused || job->stream) { /* one group of rows at a time, the next two prefetched */
         float buf[BLOCK_W * CHUNK] __attribute__((aligned(64)));
-        for (size_t r = 0; r < nrows; r += BLOCK_W)
-            stream_rows(job, r0 + r, nrows - r < BLOCK_W ? (unsigned)(nrows - r) : BLOCK_W, buf);
+        prefetch_rows(job, r0, BLOCK_W, r0 + nrows);
+        for (size_t r = 0; r < nrows; r += BLOCK_W) {
+            prefetch_rows(job, r0 + r + BLOCK_W * (r ? 2 : 1), BLOCK_W * (r ? 1 : 2), r0 + nrows);
+            unsigned nw = nrows - r < BLOCK_W ? (unsigned)(nrows - r) : BLOCK_W;
+            if (job->fused) fused_rows(job, r0 + r, nw);
+            else stream_rows(job, r0 + r, nw, buf);
+        }
         return;
     }
     const float *tile;
@@ -371,10 +380,12 @@ int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, cons
         .row_bytes = row_bytes, .block = block, .block_bytes = bytes, .x = x,
         .n = n, .out = out, .in_place = type == ZM_GGML_F32, .stream = n <= k->max_nx,
     };
-    /* Streaming: tasks of 16 rows spread over the threads. Tiles: the largest that fits
-     * the scratch target, so each dequantized row serves every row of x. */
-    size_t tile = job.stream ? 16 : SCRATCH_TARGET / (scratch_row ? scratch_row : 1);
-    tile = tile < BLOCK_W ? BLOCK_W : tile > 64 ? 64 : tile & ~(size_t)(BLOCK_W - 1);
+    /* Streaming: two long runs of rows per thread (each prefetched ahead). Tiles: the
+     * largest that fits the scratch target, so each dequantized row serves every row of x. */
+    unsigned threads = zm_get_num_threads();
+    size_t tile = job.stream ? (rows + 2 * threads - 1) / (2 * threads) < 16 ? 16 : (rows + 2 * threads - 1) / (2 * threads)
+                             : SCRATCH_TARGET / (scratch_row ? scratch_row : 1);
+    tile = tile < BLOCK_W ? BLOCK_W : (tile > 64 && !job.stream) ? 64 : (tile + BLOCK_W - 1) & ~(size_t)(BLOCK_W - 1);
     uint64_t work = (uint64_t)rows * cols * n;
     if (work < PARALLEL_MIN_WORK && rows <= 64) tile = rows;
     job.tile_rows = tile;
