@@ -413,6 +413,53 @@ int zm_silu_mul(const float *gate, const float *up, float *out, size_t n) {
     return ZM_OK;
 }
 
+typedef struct {
+    const float *q;
+    size_t rows, n_heads, head_dim, group, kv_row, start, kv_len, tasks;
+    const uint16_t *keys, *values;
+    float *out, *scratch, scale;
+    int level;
+} attention_job_t;
+
+/* Rows task, task + tasks, task + 2 tasks, ... (interleaved: later rows see more positions),
+ * with scratch slot `task` (not the worker's id: a task owns its slot whoever runs it). */
+static void attention_task(void *arg, size_t task, unsigned worker) {
+    (void)worker;
+    const attention_job_t *a = arg;
+    int l = a->level;
+    float *scratch = a->scratch + task * a->kv_len;
+    for (size_t r = task; r < a->rows; r += a->tasks) {
+        size_t len = a->start + r + 1; /* causal: position start + r sees 0 ..= start + r */
+        for (size_t h = 0; h < a->n_heads; h++) {
+            const float *qh = a->q + (r * a->n_heads + h) * a->head_dim;
+            float *o = a->out + (r * a->n_heads + h) * a->head_dim;
+            size_t kv = (h / a->group) * a->head_dim, head_dim = a->head_dim;
+#ifdef ZM_OPS_X86
+            if (l >= ZM_SIMD_AVX2 && head_dim % LANES == 0 && head_dim <= MAX_REG_DIM) {
+                attend_head_avx2(qh, a->keys + kv, a->values + kv, a->kv_row, len, head_dim,
+                                 a->scale, scratch, o);
+                continue;
+            }
+#endif
+            float best = -INFINITY;
+            for (size_t t = 0; t < len; t++) {
+                float s = dot_f16(qh, a->keys + t * a->kv_row + kv, head_dim, l) * a->scale;
+                scratch[t] = s;
+                if (s > best) best = s;
+            }
+            float sum = softmax_exp(scratch, len, best, l);
+            memset(o, 0, head_dim * sizeof *o);
+            for (size_t t = 0; t < len; t++)
+                axpy_f16(o, scratch[t], a->values + t * a->kv_row + kv, head_dim, l);
+            float inv = 1.0f / sum;
+            for (size_t i = 0; i < head_dim; i++) o[i] *= inv;
+        }
+    }
+}
+
+/* Query-key products below which attention runs on the calling thread alone. */
+#define ATTENTION_PARALLEL_MIN (1u << 14)
+
 int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_dim,
                      const uint16_t *keys, const uint16_t *values, size_t n_kv_heads,
                      size_t kv_len, size_t start, float *out, float *scratch,
@@ -420,40 +467,25 @@ int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_di
     if (!n_kv_heads || !head_dim || n_heads % n_kv_heads || start + rows > kv_len ||
         scratch_len < kv_len)
         return invalid(ZM_OPS_GEOMETRY);
-    size_t group = n_heads / n_kv_heads, kv_row = n_kv_heads * head_dim;
+    size_t kv_row = n_kv_heads * head_dim;
     size_t q_bytes = rows * n_heads * head_dim * 4, kv_bytes = kv_len * kv_row * 2;
     if (overlap(out, q_bytes, q, q_bytes) || overlap(out, q_bytes, keys, kv_bytes) ||
-        overlap(out, q_bytes, values, kv_bytes) || overlap(out, q_bytes, scratch, kv_len * 4) ||
-        overlap(scratch, kv_len * 4, q, q_bytes))
+        overlap(out, q_bytes, values, kv_bytes) || overlap(out, q_bytes, scratch, scratch_len * 4) ||
+        overlap(scratch, scratch_len * 4, q, q_bytes))
         return invalid(ZM_OPS_OVERLAP);
-    int l = level();
-    float scale = 1.0f / sqrtf((float)head_dim);
-    for (size_t r = 0; r < rows; r++) {
-        size_t len = start + r + 1; /* causal: position start + r sees 0 ..= start + r */
-        for (size_t h = 0; h < n_heads; h++) {
-            const float *qh = q + (r * n_heads + h) * head_dim;
-            float *o = out + (r * n_heads + h) * head_dim;
-            size_t kv = (h / group) * head_dim;
-#ifdef ZM_OPS_X86
-            if (l >= ZM_SIMD_AVX2 && head_dim % LANES == 0 && head_dim <= MAX_REG_DIM) {
-                attend_head_avx2(qh, keys + kv, values + kv, kv_row, len, head_dim, scale,
-                                 scratch, o);
-                continue;
-            }
-#endif
-            float best = -INFINITY;
-            for (size_t t = 0; t < len; t++) {
-                float s = dot_f16(qh, keys + t * kv_row + kv, head_dim, l) * scale;
-                scratch[t] = s;
-                if (s > best) best = s;
-            }
-            float sum = softmax_exp(scratch, len, best, l);
-            memset(o, 0, head_dim * sizeof *o);
-            for (size_t t = 0; t < len; t++)
-                axpy_f16(o, scratch[t], values + t * kv_row + kv, head_dim, l);
-            float inv = 1.0f / sum;
-            for (size_t i = 0; i < head_dim; i++) o[i] *= inv;
-        }
+    attention_job_t a = {
+        .q = q, .rows = rows, .n_heads = n_heads, .head_dim = head_dim,
+        .group = n_heads / n_kv_heads, .kv_row = kv_row, .start = start, .kv_len = kv_len,
+        .keys = keys, .values = values, .out = out, .scratch = scratch,
+        .scale = 1.0f / sqrtf((float)head_dim), .level = level(), .tasks = 1,
+    };
+    /* Several rows (a prompt) and a scratch slot of kv_len floats per task: the pool's
+     * threads share the rows. Each row's arithmetic is the same either way. */
+    size_t slots = kv_len ? scratch_len / kv_len : 1;
+    if (rows > 1 && slots > 1 && rows * n_heads * (start + rows) >= ATTENTION_PARALLEL_MIN) {
+        a.tasks = slots < rows ? slots : rows;
+        return zm_pool_run(attention_task, &a, a.tasks, 0); /* no pool scratch: cannot fail */
     }
+    attention_task(&a, 0, 0);
     return ZM_OK;
 }

@@ -108,6 +108,28 @@ def test_attention_matches_float64(simd, head_dim, start):
     np.testing.assert_allclose(got, ref_attention(q, keys, values, start), rtol=1e-4, atol=1e-5)
 
 
+def test_prompt_sized_attention_shares_rows_across_threads_with_the_same_bits(simd):
+    """Enough rows and the pool's threads share them (a scratch slot per task); every
+    thread count gives the bits of one thread, and each row those of its own 1-row call."""
+    n, heads, kv_heads, head_dim, start = 45, 9, 3, 64, 20
+    keys = randn(start + n, kv_heads, head_dim, dtype=np.float16)
+    values = randn(start + n, kv_heads, head_dim, dtype=np.float16)
+    q = randn(n, heads, head_dim)
+    before = zm.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3, 8):
+            zm.set_num_threads(t)
+            results.append(ops.attention(q, keys, values, start).tobytes())
+    finally:
+        zm.set_num_threads(before)
+    assert len(set(results)) == 1
+    got = ops.attention(q, keys, values, start)
+    np.testing.assert_allclose(got, ref_attention(q, keys, values, start), rtol=1e-4, atol=1e-5)
+    for r in (0, 17, n - 1):
+        assert ops.attention(q[r:r + 1], keys, values, start + r).tobytes() == got[r].tobytes()
+
+
 def test_attention_reads_the_kv_cache_views():
     cache = zm.KVCache(zm.page_allocator, 1, 2, 16, 32)
     k, v = randn(10, 2, 16), randn(10, 2, 16)

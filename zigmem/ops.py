@@ -232,7 +232,8 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
         raise InvalidArgumentError(f"queries at positions {start}..{start + n - 1} need "
                                    f"{start + n} cached positions, the cache has {positions}")
     out = _out(out, q.shape)
-    scratch = np.empty(max(positions, 1), _F32)
+    # One row of scores per thread that may share the rows (the kernel decides whether to).
+    scratch = np.empty(max(positions, 1) * (min(lib.zm_get_num_threads(), n) if n > 1 else 1), _F32)
     pq, pk, pv, ps, po = _buffers((q, keys, values, scratch), out, ("q", "keys", "values", "scratch"),
                                       _ATTENTION_KINDS)
     _check(lib.zm_attention_f16(pq, n, heads, head_dim, pk, pv, kv_heads, positions, start,

@@ -412,7 +412,8 @@ int zm_rope(const float *x, float *out, size_t rows, size_t heads, size_t head_d
 int zm_silu_mul(const float *gate, const float *up, float *out, size_t n);
 /* Causal grouped-query attention: q[rows][n_heads][head_dim], the query of row r at position
  * start + r, over keys/values[kv_len][n_kv_heads][head_dim] (float16 bits), scale
- * 1/sqrt(head_dim), float32 math; out like q; scratch holds kv_len floats. */
+ * 1/sqrt(head_dim), float32 math; out like q; scratch holds kv_len floats, or k * kv_len
+ * for up to k pool threads to share the rows (the same results). */
 int zm_attention_f16(const float *q, size_t rows, size_t n_heads, size_t head_dim,
                      const uint16_t *keys, const uint16_t *values, size_t n_kv_heads,
                      size_t kv_len, size_t start, float *out, float *scratch,
