@@ -476,6 +476,15 @@ static ALWAYS_INLINE unsigned chunks_per_block(uint32_t type) {
     }
 }
 
+/* reduce16's tree with shuffles, bit for bit (each addition has the same two operands, and
+ * IEEE addition commutes): ((a0+a1)+(a2+a3))+((a4+a5)+(a6+a7)) per half, then the halves. */
+static ALWAYS_INLINE TARGET float reduce16_avx512(__m512 v) {
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xb1));       /* lane 2j: a2j + a2j+1 */
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4e));       /* lane 4j: pairs of pairs */
+    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xb1)); /* lanes 0 and 8: the halves */
+    return _mm512_cvtss_f32(v) + _mm512_cvtss_f32(_mm512_shuffle_f32x4(v, v, 0x02));
+}
+
 static ALWAYS_INLINE TARGET void rows_avx512_block(const int16_job_t *job, uint32_t type,
                                                    size_t r0, size_t i0, const unsigned NW,
                                                    const unsigned NX) {
@@ -529,12 +538,9 @@ static ALWAYS_INLINE TARGET void rows_avx512_block(const int16_job_t *job, uint3
     #pragma GCC unroll 16
     for (unsigned r = 0; r < NW; r++)
         #pragma GCC unroll 16
-        for (unsigned i = 0; i < NX; i++) {
-            float lane[16];
-            _mm512_storeu_ps(lane, acc[r][i]);
-            job->out[(i0 + i) * job->rows + r0 + r] =
-                (reduce16(lane) + off[r][i]) * row_unscale(job->xq + (i0 + i) * job->stride, job->cols);
-        }
+        for (unsigned i = 0; i < NX; i++)
+            job->out[(i0 + i) * job->rows + r0 + r] = (reduce16_avx512(acc[r][i]) + off[r][i]) *
+                                                      row_unscale(job->xq + (i0 + i) * job->stride, job->cols);
 }
 
 #define CASE(type, a, b) \
