@@ -14,7 +14,7 @@
  *     X = round-to-nearest-even(x * (32767 / amax)) as int16 (0 when amax is 0), and
  *     xs[2c + h] = s[c] * (sum of the 16 X of half h). A row with a NaN or infinity gets
  *     s = NaN: its outputs are NaN.
- *   W, per chunk of 32 columns of a row (int16_part): 32 integers w, a float dw and a
+ *   W, per chunk of 32 columns of a row (the part_* functions): 32 integers w, a float dw and a
  *     minimum per half, mw[h], such that element j is dw * w[j] + mw[j / 16] (K-quant
  *     sub-block scales are folded into w; they fit int16 for every type).
  *   Each output element keeps 16 float lanes and a float offset:
@@ -314,9 +314,9 @@ struct int16_job {
     const float *x;
     size_t n, stride;
     const uint8_t *xq; /* the quantized rows of x (the pool's shared scratch) */
-    bool avx512;
     float *out;
     size_t task_rows;
+    bool avx512;  /* quantize x with the AVX-512 code (the same values) */
     bool has_min; /* the type has minimums (mw); without, off stays 0 and is skipped */
 };
 
@@ -337,7 +337,7 @@ static void rows_portable(const int16_job_t *job, size_t r0, unsigned nw, size_t
         for (unsigned i = 0; i < nx; i++) {
             const uint8_t *row = job->xq + (i0 + i) * job->stride;
             const int16_t *X = (const int16_t *)row;
-            const float *s = (const float *)(row + job->cols * 2), *xs = s + chunks;
+            const float *s = row_scales(row, job->cols), *xs = s + chunks;
             float lane[16] = {0}, off = 0;
             chunk_t ch;
             for (size_t c = 0; c < chunks; c++) {
@@ -501,7 +501,7 @@ static ALWAYS_INLINE TARGET void rows_avx512_block(const int16_job_t *job, uint3
     for (unsigned i = 0; i < NX; i++) {
         const uint8_t *row = job->xq + (i0 + i) * job->stride;
         X[i] = (const int16_t *)row;
-        s[i] = (const float *)(row + job->cols * 2);
+        s[i] = row_scales(row, job->cols);
         xs[i] = s[i] + chunks;
         #pragma GCC unroll 16
         for (unsigned r = 0; r < NW; r++) acc[r][i] = _mm512_setzero_ps(), off[r][i] = 0;
@@ -684,7 +684,7 @@ static ALWAYS_INLINE TARGET_AVX2 void rows_avx2_block(const int16_job_t *job, ui
     const unsigned CPB = chunks_per_block(type);
     const uint8_t *row = job->xq + i * job->stride;
     const int16_t *X = (const int16_t *)row;
-    const float *s = (const float *)(row + job->cols * 2), *xs = s + chunks;
+    const float *s = row_scales(row, job->cols), *xs = s + chunks;
     __m256 acc[BLOCK_W][2];
     float off[BLOCK_W];
     const uint8_t *w_row[BLOCK_W];
