@@ -42,6 +42,7 @@
  * round trip (tens of microseconds in a VM) on every job. */
 #define SPIN_NS 300000
 #define SCRATCH_ALIGN 64
+#define SHARED_KEEP (1u << 20) /* shared scratch kept between jobs; larger is freed after */
 
 typedef struct {
     void *ptr;
@@ -324,6 +325,10 @@ int zm_pool_run_shared(zm_task_fn fn, void *arg, size_t n_tasks, size_t scratch_
         uint32_t gen = publish();
         run_tasks(gen, 0);
         wait_done(n_tasks);
+    }
+    if (pool.shared.len > SHARED_KEEP) { /* a one-off big job does not pin its scratch */
+        zm_free(pool.alloc, pool.shared.ptr, pool.shared.len, SCRATCH_ALIGN);
+        pool.shared = (scratch_t){0};
     }
     pthread_mutex_unlock(&pool.submit);
     return status;

@@ -368,6 +368,20 @@ def test_scratch_shows_in_the_memory_report(model):
     assert "kernel scratch" in zm.memory_report()
 
 
+def test_a_big_int16_job_does_not_pin_its_quantized_x(model):
+    """The quantized rows of x (~1 KiB per 512 columns) live in the pool's shared scratch;
+    past 1 MiB it is freed after the job rather than held for the process's life."""
+    from zigmem import threads as zm_threads
+
+    scratch = zm_threads.scratch_allocator()
+    q = model.matrix("Q4_0")
+    q.matmul(np.ones((2, COLS), np.float32), quantize_activations=True)
+    before = scratch.stats.current_bytes
+    q.matmul(np.ones((4000, COLS), np.float32), quantize_activations=True)
+    assert scratch.stats.peak_bytes >= before + 4000 * COLS * 2
+    assert scratch.stats.current_bytes <= before
+
+
 # ------------------------------------------------------------------ bad input
 
 
