@@ -781,8 +781,8 @@ static void task(void *arg, size_t t, unsigned worker) {
     const int16_job_t *job = arg;
     size_t r0 = t * job->task_rows, end = r0 + job->task_rows < job->rows ? r0 + job->task_rows : job->rows;
     /* the task's first groups: the prefetches in the kernel reach only later ones */
-    for (size_t p = r0 * job->row_bytes; p < (r0 + PREFETCH_GROUPS * BLOCK_W) * job->row_bytes && p < end * job->row_bytes; p += 64)
-        _mm_prefetch((const char *)job->w + p, _MM_HINT_T0);
+    size_t first = end - r0 < PREFETCH_GROUPS * BLOCK_W ? end - r0 : PREFETCH_GROUPS * BLOCK_W;
+    zm_prefetch(job->w + r0 * job->row_bytes, first * job->row_bytes);
     for (size_t i = 0; i < job->n; i += BLOCK_X) {
         unsigned nx = job->n - i < BLOCK_X ? (unsigned)(job->n - i) : BLOCK_X;
         size_t r = r0;
@@ -811,10 +811,6 @@ int zm_int16_matmul(uint32_t type, const void *w, size_t rows, size_t cols, size
         zm_fail(ZM_ERR_TOO_LARGE, n, 0, 0);
         return ZM_ERR_TOO_LARGE;
     }
-    /* Two tasks per thread (at least 16 rows): each streams long runs of consecutive rows,
-     * which the prefetches keep ahead of, and a late thread still gets its share taken. */
-    unsigned threads = zm_get_num_threads();
-    size_t per = (rows + 2 * threads - 1) / (2 * threads);
-    job.task_rows = per < 16 ? 16 : (per + BLOCK_W - 1) & ~(size_t)(BLOCK_W - 1);
+    job.task_rows = zm_stream_task_rows(rows);
     return zm_pool_run_shared(task, &job, (rows + job.task_rows - 1) / job.task_rows, 0, prepare, shared);
 }

@@ -88,6 +88,20 @@ zm_fused_fn zm_fused_kernel_avx512(uint32_t type);
 zm_dequant_fn zm_dequant_kernel_avx2(uint32_t type);
 zm_fused_fn zm_fused_kernel_avx2(uint32_t type);
 
+/* Rows of W per task when few rows of x stream the weights (quant_matmul.c, int16_matmul.c):
+ * two long runs per thread, each prefetched ahead, and a late thread's share still taken;
+ * at least 16, a multiple of 4 (the register blocks). */
+static inline size_t zm_stream_task_rows(size_t rows) {
+    size_t threads = zm_get_num_threads(), per = (rows + 2 * threads - 1) / (2 * threads);
+    return per < 16 ? 16 : (per + 3) & ~(size_t)3;
+}
+
+/* Ask for [p, p + bytes) ahead of use: a decode step reads each weight once, and the mapped
+ * file's 4 KiB pages stop the hardware prefetchers. */
+static inline void zm_prefetch(const void *p, size_t bytes) {
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 3);
+}
+
 /* int16_matmul.c: out = x @ W^T with x quantized to int16 (see ZM_MATMUL_INT16); the
  * caller has checked the arguments. path: a ZM_KERNELS_* path the CPU runs. */
 bool zm_int16_supported(uint32_t type);

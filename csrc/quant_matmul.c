@@ -291,13 +291,9 @@ static void fused_rows(const matmul_job_t *job, size_t r0, unsigned nw) {
     store_results(job, acc, r0, nw, 0, 1);
 }
 
-/* Ask for rows [r, r + n) of W ahead of use, within the task's rows: a decode step reads
- * each weight once, and the mapped file's 4 KiB pages stop the hardware prefetchers. */
+/* Rows [r, r + n) of W ahead of use, within the task's rows (up to end). */
 static void prefetch_rows(const matmul_job_t *job, size_t r, size_t n, size_t end) {
-    if (r >= end) return;
-    const char *p = (const char *)job->w + r * job->row_bytes;
-    size_t bytes = (r + n < end ? n : end - r) * job->row_bytes;
-    for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+    if (r < end) zm_prefetch(job->w + r * job->row_bytes, (r + n < end ? n : end - r) * job->row_bytes);
 }
 
 static void matmul_task(void *arg, size_t task, unsigned worker) {
@@ -382,10 +378,8 @@ int zm_quant_matmul(uint32_t type, const void *w, size_t rows, size_t cols, cons
     };
     /* Streaming: two long runs of rows per thread (each prefetched ahead). Tiles: the
      * largest that fits the scratch target, so each dequantized row serves every row of x. */
-    unsigned threads = zm_get_num_threads();
-    size_t tile = job.stream ? (rows + 2 * threads - 1) / (2 * threads) < 16 ? 16 : (rows + 2 * threads - 1) / (2 * threads)
-                             : SCRATCH_TARGET / (scratch_row ? scratch_row : 1);
-    tile = tile < BLOCK_W ? BLOCK_W : (tile > 64 && !job.stream) ? 64 : (tile + BLOCK_W - 1) & ~(size_t)(BLOCK_W - 1);
+    size_t tile = job.stream ? zm_stream_task_rows(rows) : SCRATCH_TARGET / (scratch_row ? scratch_row : 1);
+    if (!job.stream) tile = tile < BLOCK_W ? BLOCK_W : tile > 64 ? 64 : tile & ~(size_t)(BLOCK_W - 1);
     uint64_t work = (uint64_t)rows * cols * n;
     if (work < PARALLEL_MIN_WORK && rows <= 64) tile = rows;
     job.tile_rows = tile;
