@@ -586,11 +586,12 @@ def test_a_forked_child_computes_with_fresh_workers(model, threads):
     q = model.matrix("Q4_1")
     x = RNG.standard_normal((8, COLS)).astype(np.float32)
     expected = q.matmul(x).tobytes()  # the pool's workers are running now
+    expected16 = q.matmul(x, quantize_activations=True).tobytes()  # and its shared scratch held
     r, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: exit without running pytest's machinery
         ok = q.matmul(x).tobytes() == expected and q.matmul(x[3]).tobytes() == expected[
-            3 * 4 * ROWS:4 * 4 * ROWS]
+            3 * 4 * ROWS:4 * 4 * ROWS] and q.matmul(x, quantize_activations=True).tobytes() == expected16
         os.write(wfd, b"1" if ok else b"0")
         os._exit(0)
     os.close(wfd)

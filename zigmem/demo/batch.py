@@ -292,14 +292,7 @@ class Batcher:
             cache.append(seq, index, k[r0:r1], v[r0:r1])
             ops.attention(q[r0:r1], cache.keys(seq, index), cache.values(seq, index), start,
                           out=attended[r0:r1])
-        a.product(layer["attn_output"], a.attended, a.o)
-        a.x += a.o
-        ops.rms_norm(a.x, layer["ffn_norm"], model.eps, out=a.h)
-        a.product(layer["ffn_gate"], a.h, a.gate)
-        a.product(layer["ffn_up"], a.h, a.up)
-        ops.silu_mul(a.gate, a.up, out=a.gate)
-        a.product(layer["ffn_down"], a.gate, a.o)
-        a.x += a.o
+        model._after_attention(layer, a)
 
 
 def _strings(prompts) -> list[str]:

@@ -235,6 +235,11 @@ class Llama:
         ops.rope(k, self.cos, self.sin, start, out=k)
         self._attend(index, q, k, a.v.reshape(k.shape), start,
                      out=a.attended.reshape(q.shape))
+        self._after_attention(layer, a)
+
+    def _after_attention(self, layer: dict, a: Activations) -> None:
+        """The block after attention, row by row (shared with the batched path): the output
+        projection and the SiLU-gated MLP, each added to the residual stream."""
         a.product(layer["attn_output"], a.attended, a.o)
         a.x += a.o
         ops.rms_norm(a.x, layer["ffn_norm"], self.eps, out=a.h)

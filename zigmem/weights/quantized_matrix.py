@@ -120,10 +120,10 @@ def _float32_array(value: object, what: str) -> np.ndarray:
     return value
 
 
-def _float_activations(flag: object) -> int:
-    """The flags of ``quantize_activations=flag`` other than True: False, else a clear error."""
-    if flag is False:
-        return 0
+def _int16_flags(flag: object) -> int:
+    """The C flags of ``quantize_activations=flag`` when it is not False (checked inline)."""
+    if flag is True:
+        return _INT16
     raise InvalidArgumentError(f"quantize_activations must be True or False, not {flag!r}")
 
 
@@ -233,8 +233,8 @@ class QuantizedMatrix:
             # from_buffer: the arrays' own memory, no copy; C checks that out overlaps
             # neither x nor the weight before it writes anything.
             if _matmul(self._type, self._ptr, rows, cols, _from_buffer("float[]", x), n,
-                       _from_buffer("float[]", out), _INT16 if quantize_activations is True
-                       else _float_activations(quantize_activations)):
+                       _from_buffer("float[]", out), 0 if quantize_activations is False
+                       else _int16_flags(quantize_activations)):
                 if lib.zm_last_report().limit == 1:
                     raise InvalidArgumentError(f"{self.name}: out must not overlap x or the weight")
                 raise_failure(f"{self.name}.matmul")
