@@ -96,7 +96,7 @@ def supported_kernel_paths() -> list[str]:
 
 _matmul = lib.zm_quant_matmul
 _from_buffer = ffi.from_buffer
-_INT16 = lib.ZM_MATMUL_INT16
+_INT16: int = lib.ZM_MATMUL_INT16
 
 _forced = os.environ.get("ZIGMEM_KERNELS")
 if _forced and _forced not in supported_kernel_paths():
